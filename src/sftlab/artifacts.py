@@ -1,0 +1,55 @@
+"""The run directory contract (DESIGN.md): config.yaml, adapter/ (or model/), metrics.json, checkpoints/.
+
+Everything a finished run needs to be reused is written here, loadable with plain transformers + peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.data.templates import ChatTemplate
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+
+
+def save_model(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+               template: ChatTemplate) -> Path:
+    """adapter/ for adapter runs (PeftModel.from_pretrained-loadable), model/ for full fine-tuning.
+
+    The tokenizer is saved beside it with the training template as its chat template, so
+    `apply_chat_template(..., add_generation_prompt=True)` renders exactly the training prompt.
+    """
+    out = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+    model.save_pretrained(out)
+    tokenizer.chat_template = template.to_jinja()
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def restore_best(module: torch.nn.Module, best_path: str | None) -> bool:
+    """Load the trainable weights of the best checkpoint into `module` (early stopping keeps the best)."""
+    if not best_path or not Path(best_path).is_file():
+        return False
+    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    missing = set(state) - set(module.state_dict())
+    if missing:
+        raise RuntimeError(f"checkpoint {best_path} has weights this model lacks: {sorted(missing)[:3]} ...")
+    module.load_state_dict(state, strict=False)
+    return True

@@ -1,0 +1,41 @@
+"""What the user sees: the composed config as a tree, and the base-vs-tuned table at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+FIRST = ("model", "template", "data", "adapter", "optimizer", "scheduler", "trainer", "eval")
+
+
+def print_config(cfg: DictConfig) -> None:
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in FIRST if k in cfg] + [k for k in cfg if k not in FIRST]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    console.print(tree)
+
+
+def print_comparison(evals: dict[str, dict[str, Any]]) -> None:
+    """Side-by-side metrics of the base and the tuned model, with the change."""
+    base, tuned = evals.get("base", {}), evals.get("tuned", {})
+    table = Table(title="Held-out evaluation: base vs tuned")
+    for col in ("metric", "base", "tuned", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric in sorted(set(base) | set(tuned)):
+        b, t = base.get(metric), tuned.get(metric)
+        delta = f"{t - b:+.3f}" if isinstance(b, float) and isinstance(t, float) else ""
+        table.add_row(metric, _fmt(b), _fmt(t), delta)
+    console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("-" if value is None else str(value))

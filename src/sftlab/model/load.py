@@ -1,0 +1,169 @@
+"""Load a base causal LM and its tokenizer from a Hub id, a local directory, a GGUF file or a random init.
+
+Every source is first turned into a plain Hugging Face directory (`materialize`): a GGUF file is dequantized
+once into the cache, a `random_init` model is built once from its config and saved there. Training, the saved
+adapter's `base_model_name_or_path`, merging and evaluation then all load the same directory with
+`from_pretrained`, so a finished run is loadable by anyone with plain transformers + peft.
+
+Cache location: `model.cache_dir` (default `$SFTLAB_CACHE`, else `~/.cache/sftlab`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sftlab import locate
+from sftlab.errors import SFTLabError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SFTLAB_CACHE") or str(Path.home() / ".cache" / "sftlab")
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _publish(build_dir: Path, target: Path) -> None:
+    """Move a finished build into place atomically, so a killed conversion never leaves a half directory."""
+    try:
+        os.replace(build_dir, target)
+    except OSError:  # another process won the race: keep theirs
+        shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _convert_gguf(gguf_path: str, cache_dir: str) -> str:
+    src = Path(gguf_path)
+    target = Path(cache_dir) / "models" / f"{src.stem}-{_digest(src.name, src.stat().st_size)}"
+    if (target / "config.json").exists():
+        return str(target)
+    log.info("Converting %s into a Hugging Face directory at %s (once; about 20 s)", src.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    # transformers refuses to save a model "quantized with gguf"; the weights are already dequantized.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    _publish(build, target)
+    return str(target)
+
+
+def _build_random(random_init: dict, tokenizer_source: str, cache_dir: str) -> str:
+    """A small randomly initialised model sharing a real tokenizer: fast tests of the real code paths."""
+    spec = dict(random_init)
+    model_type = spec.pop("model_type")
+    seed = spec.pop("seed", 0)
+    target = Path(cache_dir) / "models" / f"random-{model_type}-{_digest(model_type, seed, spec, tokenizer_source)}"
+    if (target / "config.json").exists():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **ids, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    _publish(build, target)
+    return str(target)
+
+
+def materialize(name_or_path: str, *, cache_dir: str, key: str = "model.name_or_path") -> str:
+    """Turn a model reference into something `from_pretrained` accepts: a local directory or a Hub id."""
+    path = locate.resolve(name_or_path, key=key)
+    if path.endswith(".gguf"):
+        if not Path(path).is_file():
+            raise SFTLabError(f"{key}={name_or_path!r}: GGUF file {path} does not exist.")
+        return _convert_gguf(path, cache_dir)
+    return path
+
+
+def model_source(cfg: Any) -> str:
+    """The directory (or Hub id) the base model loads from; what the adapter records as its base."""
+    cache_dir = cfg.get("cache_dir") or default_cache_dir()
+    if cfg.get("random_init"):
+        tok = materialize(cfg.tokenizer_name_or_path, cache_dir=cache_dir, key="model.tokenizer_name_or_path")
+        return _build_random(dict(cfg.random_init), tok, cache_dir)
+    return materialize(cfg.name_or_path, cache_dir=cache_dir)
+
+
+def _hub_kwargs(cfg: Any) -> dict:
+    return {"trust_remote_code": bool(cfg.get("trust_remote_code", False)), "revision": cfg.get("revision")}
+
+
+def _missing_weights(source: str, err: Exception) -> SFTLabError:
+    return SFTLabError(
+        f"model.name_or_path={source!r}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        "It is neither a local directory nor in the Hugging Face cache, and the Hub could not be reached. "
+        f"On a connected machine run `hf download {source}` (and `hf auth login` for gated models), "
+        "or set model.name_or_path to a local directory holding config.json and *.safetensors."
+    )
+
+
+def check_available(source: str, cfg: Any) -> None:
+    """Fail in seconds, with one message, when the weights are neither local nor reachable."""
+    if Path(source).is_dir():
+        return
+    try:
+        AutoConfig.from_pretrained(source, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise _missing_weights(source, err) from None
+
+
+def load_tokenizer(cfg: Any, source: str | None = None) -> PreTrainedTokenizerBase:
+    source = source or model_source(cfg)
+    tok_source = source
+    if cfg.get("tokenizer_name_or_path") and not cfg.get("random_init"):
+        tok_source = materialize(cfg.tokenizer_name_or_path, cache_dir=cfg.get("cache_dir") or default_cache_dir())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise _missing_weights(tok_source, err) from None
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so reusing EOS is safe; the EOS *label* is kept by
+        # building labels from spans, never from `input_ids != pad`.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: Any, source: str | None = None, quantization_config: Any = None) -> PreTrainedModel:
+    """Load the base model with the dtype and attention implementation from config."""
+    source = source or model_source(cfg)
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[cfg.dtype],
+        "attn_implementation": cfg.get("attn_implementation") or "sdpa",
+        # Pickle checkpoints can run code on load; only safetensors unless the config opts in.
+        "use_safetensors": None if cfg.get("allow_pickle") else True,
+        **_hub_kwargs(cfg),
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _missing_weights(source, err) from None
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
