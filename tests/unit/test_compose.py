@@ -1,0 +1,42 @@
+"""Every option of every config group composes, and experiments are found in experiments/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sftlab.train import CONF_DIR
+from tests.conftest import ROOT, compose_cfg
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"], output_dir="/tmp/x")
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_experiment_composes(name):
+    cfg = compose_cfg([f"experiment={name}"], output_dir="/tmp/x")
+    assert cfg.tags
+
+
+def test_model_chooses_its_template_unless_overridden():
+    assert compose_cfg(["model=mistral7b"]).template.name == "mistral"
+    assert compose_cfg(["model=mistral7b", "template=chatml"]).template.name == "chatml"
+
+
+def test_cfg_job_prints_without_loading_anything():
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=mistral7b", "adapter=qlora", "--cfg", "job"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert "mistralai/Mistral-7B-v0.3" in out and "sftlab.model.adapters.QLoRA" in out
