@@ -1,29 +1,33 @@
-"""Greedy generation on held-out conversations and exact-match scoring.
+"""Greedy generation on held-out conversations; the `generate` evaluator (exact match, ROUGE-L, BLEU, chrF).
 
 The prompt is the template's `generation_prompt`, tokenized exactly as in training (tokenize.encode_prompt),
-so the model is asked the question in the form it was trained on. Prompts are left-padded into batches;
-generation stops at the template's end-of-turn token(s). The fraction of generations that ran into
-`max_new_tokens` without stopping is reported: it flags a model that never learned to stop.
+so the model is asked the question in the form it was trained on. Prompts are left-padded into batches (the
+position ids follow the attention mask, so a padded row decodes exactly as it would alone; a test checks
+batched == one-by-one); generation stops at the template's end-of-turn token(s). The fraction of generations
+that ran into `max_new_tokens` without stopping is reported: it flags a model that never learned to stop.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import encode_prompt
+from sftlab.eval import metrics
+
+if TYPE_CHECKING:
+    from sftlab.eval.suite import EvalContext
 
 
-def stop_token_ids(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(template: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS plus every single-token stop string of the template (`<|im_end|>` for ChatML)."""
     ids = {tokenizer.eos_token_id}
-    for s in template.stop_strings:
+    for s in template.stop_strings if template is not None else []:
         tok = tokenizer(s, add_special_tokens=False)["input_ids"]
         if len(tok) == 1:
             ids.add(tok[0])
@@ -36,7 +40,51 @@ def split_prompt(conversation: Sequence[dict]) -> tuple[list[dict], str]:
     return list(conversation[:last]), conversation[last]["content"]
 
 
+def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, attention
+
+
 @torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    stops: Sequence[int],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Greedy continuations of token-id prompts: {"text", "stopped", "new_tokens"} each, in order."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention = _left_pad(prompts[start : start + batch_size], pad, device)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=list(stops), pad_token_id=pad, use_cache=True,
+                # the model's generation_config may carry sampling defaults; greedy must not warn or sample
+                temperature=None, top_p=None, top_k=None,
+            )
+            for row in out[:, input_ids.shape[1] :].tolist():
+                stop_at = next((i for i, t in enumerate(row) if t in stops), None)
+                text_ids = row if stop_at is None else row[:stop_at]
+                outputs.append({
+                    "text": tokenizer.decode(text_ids, skip_special_tokens=True),
+                    "stopped": stop_at is not None,
+                    "new_tokens": len(text_ids) + (stop_at is not None),
+                })
+    finally:
+        model.train(was_training)
+    return outputs
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -46,28 +94,10 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 16,
 ) -> list[dict]:
-    """Greedy outputs for each history: {"text", "stopped"}."""
-    stops = stop_token_ids(template, tokenizer)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for start in range(0, len(histories), batch_size):
-        prompts = [encode_prompt(h, template, tokenizer) for h in histories[start : start + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=stops, pad_token_id=pad, use_cache=True,
-        )
-        for row in out[:, width:].tolist():
-            stop_at = next((i for i, t in enumerate(row) if t in stops), None)
-            text_ids = row if stop_at is None else row[:stop_at]
-            outputs.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True), "stopped": stop_at is not None})
-    model.train(was_training)
-    return outputs
+    """Greedy outputs for each conversation history, prompted exactly as in training."""
+    prompts = [encode_prompt(h, template, tokenizer) for h in histories]
+    return generate_ids(model, tokenizer, prompts, stop_token_ids(template, tokenizer),
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def normalize(text: str) -> str:
@@ -76,31 +106,46 @@ def normalize(text: str) -> str:
 
 @dataclass
 class GenerationEval:
-    """`eval=generate`: exact match of greedy generations against the references of a split."""
+    """`eval=generate`: greedy generations on a split, scored against the references.
+
+    Metrics: exact match (after whitespace/case normalization), ROUGE-L F1, BLEU and chrF (torchmetrics; the
+    ROUGE variant needs no nltk), the no-stop rate (hit `max_new_tokens`) and mean generated tokens.
+    Its settings (split, max_examples, max_new_tokens, batch_size) also drive the generations that `judge`
+    and `error_analysis` read, so every evaluator looks at the same outputs.
+    """
 
     split: str = "test"
     max_new_tokens: int = 32
     batch_size: int = 16
     max_examples: int | None = None
     compare_base: bool = True
+    text_metrics: tuple[str, ...] = ("rougeL", "bleu", "chrf")
 
-    def run(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
-            conversations: Sequence[Sequence[dict]], out_file: Path | None = None) -> dict[str, Any]:
+    def generate_records(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         template: ChatTemplate, conversations: Sequence[Sequence[dict]]) -> list[dict]:
+        """One record per example: prompt, reference, output, stopped, new_tokens, exact_match."""
         convs = list(conversations)[: self.max_examples]
         histories, references = zip(*(split_prompt(c) for c in convs), strict=True)
         outs = generate(model, tokenizer, template, histories, max_new_tokens=self.max_new_tokens,
                         batch_size=self.batch_size)
-        matches = [normalize(o["text"]) == normalize(r) for o, r in zip(outs, references, strict=True)]
-        if out_file is not None:
-            out_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(out_file, "w", encoding="utf-8") as f:
-                for h, r, o, m in zip(histories, references, outs, matches, strict=True):
-                    row = {"prompt": h[-1]["content"], "reference": r, "output": o["text"], "exact_match": m,
-                           "stopped": o["stopped"]}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        n = len(matches)
+        return [
+            {"index": i, "prompt": h[-1]["content"], "history": h, "reference": r, "output": o["text"],
+             "stopped": o["stopped"], "new_tokens": o["new_tokens"],
+             "exact_match": normalize(o["text"]) == normalize(r)}
+            for i, (h, r, o) in enumerate(zip(histories, references, outs, strict=True))
+        ]
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        records = ctx.records()
+        preds, refs = [r["output"] for r in records], [r["reference"] for r in records]
+        per_example = metrics.per_example_text_metrics(preds, refs, self.text_metrics)
+        for rec, scores in zip(records, per_example, strict=True):
+            rec.update(scores)
+        n = len(records)
         return {
-            "exact_match": sum(matches) / n,
-            "no_stop_rate": sum(not o["stopped"] for o in outs) / n,
+            "exact_match": sum(r["exact_match"] for r in records) / n,
+            **metrics.corpus_text_metrics(preds, refs, self.text_metrics),
+            "no_stop_rate": sum(not r["stopped"] for r in records) / n,
+            "mean_new_tokens": sum(r["new_tokens"] for r in records) / n,
             "n": n,
         }

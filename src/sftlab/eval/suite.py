@@ -1,0 +1,184 @@
+"""The `eval` config group as a suite: build the chosen evaluators, run them on a model, write the results.
+
+`eval` is a list-valued group: `eval=generate` (default), `eval=[generate,judge,error_analysis]`, `eval=none`.
+Each option file nests its settings under its own name (`eval.generate.max_new_tokens=64`), so several can be
+chosen at once. Plain values set directly under `eval` (`+eval.max_examples=20`, or an experiment's
+`eval: {max_examples: 4}`) apply to every chosen evaluator that has that field.
+
+Evaluators run in a fixed order whatever the order on the command line: loss, generate, judge,
+error_analysis, benchmarks, so `judge` and `error_analysis` read the generations `generate` made (one
+generation pass per model) and error analysis can use the judge's flags. Each is run on the base model (before
+the adapter is applied) and on the tuned model, unless its `compare_base` is false.
+
+Results: `eval/results.json` ({"base": {...}, "tuned": {...}, "delta": {...}}), `eval/generations.jsonl`
+(one row per example and model, with every per-example score), the metrics dict returned for metrics.json
+(generate's metrics unprefixed, e.g. `exact_match`; the others as `<option>/<metric>`), and W&B tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from sftlab import artifacts
+from sftlab.data.templates import ChatTemplate
+from sftlab.errors import ConfigError
+from sftlab.eval.generate import GenerationEval
+
+log = logging.getLogger(__name__)
+# Stage of each evaluator class name: consumers of generations run after `generate`.
+STAGES = {"LossEval": 0, "GenerationEval": 1, "JudgeEval": 2, "ErrorAnalysis": 3, "BenchmarkEval": 4}
+
+
+class Evaluator(Protocol):
+    compare_base: bool
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]: ...
+
+
+@dataclass
+class EvalContext:
+    """What one evaluation pass over one model shares: the model, the data, the generations (made once)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    template: ChatTemplate
+    splits: dict[str, Any]  # split name -> object with `.rows` (conversations) and `.examples` (Encoded)
+    tag: str  # "base" or "tuned"
+    out_dir: Path
+    generation: GenerationEval
+    results: dict[str, Any] = field(default_factory=dict)  # earlier evaluators' metrics, by option name
+    _records: list[dict] | None = None
+
+    def split(self, name: str) -> Any:
+        if name not in self.splits:
+            raise ConfigError(f"eval: split {name!r} is not loaded (have {sorted(self.splits)}); set "
+                              f"data.{name}_path or choose another eval.<option>.split.")
+        return self.splits[name]
+
+    def records(self) -> list[dict]:
+        """Per-example generation records of the generation split, generated on first use."""
+        if self._records is None:
+            log.info("Generating on the %s split with the %s model", self.generation.split, self.tag)
+            self._records = self.generation.generate_records(
+                self.model, self.tokenizer, self.template, self.split(self.generation.split).rows)
+        return self._records
+
+
+def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
+    """Instantiate every chosen option, apply the shared plain values, and order them by stage."""
+    if not cfg_eval:
+        return {}
+    shared = {k: v for k, v in cfg_eval.items() if not isinstance(v, DictConfig)}
+    evaluators = {}
+    for name, node in cfg_eval.items():
+        if isinstance(node, DictConfig):
+            evaluators[name] = instantiate(node, _convert_="all")
+    used = set()
+    for name, ev in evaluators.items():
+        fields = {f.name for f in dataclasses.fields(ev)}
+        overrides = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v
+                     for k, v in shared.items() if k in fields}
+        used |= set(overrides)
+        evaluators[name] = dataclasses.replace(ev, **overrides)
+    unused = sorted(set(shared) - used)
+    if unused:
+        chosen = ", ".join(evaluators) or "none"
+        raise ConfigError(f"eval.{unused[0]}: no chosen evaluator ({chosen}) has this setting. "
+                          f"Set it per option, e.g. eval.<option>.{unused[0]}=...")
+    order = sorted(evaluators, key=lambda n: (STAGES.get(type(evaluators[n]).__name__, 9), n))
+    return {n: evaluators[n] for n in order}
+
+
+class EvalSuite:
+    """Runs the chosen evaluators on the base and the tuned model and keeps the results side by side."""
+
+    def __init__(self, evaluators: dict[str, Evaluator], tokenizer: PreTrainedTokenizerBase,
+                 template: ChatTemplate, splits: dict[str, Any], out_dir: Path) -> None:
+        self.evaluators, self.tokenizer, self.template = evaluators, tokenizer, template
+        self.splits, self.out_dir = splits, Path(out_dir)
+        gen = [e for e in evaluators.values() if isinstance(e, GenerationEval)]
+        self.generation = gen[0] if gen else self._default_generation(evaluators)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def _default_generation(evaluators: dict[str, Evaluator]) -> GenerationEval:
+        """Without `generate` chosen, judge/error_analysis still need generations: default settings, with
+        the split and max_examples of the first evaluator that sets them."""
+        kwargs = {}
+        for ev in evaluators.values():
+            for key in ("split", "max_examples"):
+                if key not in kwargs and getattr(ev, key, None) is not None:
+                    kwargs[key] = getattr(ev, key)
+        return GenerationEval(**kwargs)
+
+    @property
+    def compare_base(self) -> bool:
+        return any(getattr(e, "compare_base", True) for e in self.evaluators.values())
+
+    def run(self, model: torch.nn.Module, tag: str) -> dict[str, dict[str, Any]]:
+        """Evaluate `model` as `tag` ("base"/"tuned"); returns all results so far, written to eval/."""
+        ctx = EvalContext(model, self.tokenizer, self.template, self.splits, tag, self.out_dir,
+                          self.generation)
+        flat: dict[str, Any] = {}
+        for name, ev in self.evaluators.items():
+            if tag == "base" and not getattr(ev, "compare_base", True):
+                continue
+            log.info("Evaluating the %s model: %s", tag, name)
+            out = ev.run(ctx)
+            ctx.results[name] = out
+            flat.update(out if isinstance(ev, GenerationEval) else {f"{name}/{k}": v for k, v in out.items()})
+        self.results[tag] = flat
+        if ctx._records is not None:
+            self.records[tag] = ctx._records
+        self.write()
+        return dict(self.results)
+
+    def deltas(self) -> dict[str, float]:
+        base, tuned = self.results.get("base", {}), self.results.get("tuned", {})
+        return {k: round(tuned[k] - base[k], 6) for k in tuned
+                if k in base and isinstance(tuned[k], float) and isinstance(base[k], float)}
+
+    def write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(self.out_dir / "results.json", {**self.results, "delta": self.deltas()})
+        with open(self.out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
+            for tag, records in self.records.items():
+                for rec in records:
+                    f.write(json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) + "\n")
+
+    def log_to_wandb(self, run: Any) -> None:
+        """Generations and the comparison as W&B tables on an open run (`wandb.Run`), if any."""
+        if run is None:
+            return
+        import wandb
+
+        cols = ["model", "index", "prompt", "reference", "output", "exact_match", "stopped"]
+        extra = sorted({k for recs in self.records.values() for r in recs for k in r} - {*cols, "history"})
+        rows = [[tag, *(r.get(c) for c in cols[1:]), *(_cell(r.get(c)) for c in extra)]
+                for tag, recs in self.records.items() for r in recs]
+        comparison = [[k, _cell(self.results.get("base", {}).get(k)), _cell(v), self.deltas().get(k)]
+                      for k, v in self.results.get("tuned", {}).items()]
+        run.log({"eval/generations": wandb.Table(columns=cols + extra, data=rows),
+                 "eval/comparison": wandb.Table(columns=["metric", "base", "tuned", "delta"],
+                                                data=comparison)})
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
+def build_suite(cfg_eval: DictConfig | None, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                splits: dict[str, Any], out_dir: Path) -> EvalSuite | None:
+    evaluators = build_evaluators(cfg_eval)
+    return EvalSuite(evaluators, tokenizer, template, splits, out_dir) if evaluators else None
