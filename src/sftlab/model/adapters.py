@@ -2,11 +2,17 @@
 
 Every LoRA-family option has `r`, `lora_alpha`, `lora_dropout` and `target_modules` as top-level fields, so
 `adapter.r=8,16` sweeps the rank whatever the adapter. `quantization_config()` is consulted *before* the base
-model loads (QLoRA loads 4-bit weights); `apply()` wraps the loaded model.
+model loads (QLoRA loads 4-bit weights, LoRA8bit 8-bit ones); `apply()` wraps the loaded model.
+
+`apply(model, new_token_ids)`: ids of the run's special tokens (model/tokens.py). With LoRA only those
+embedding rows train (peft `trainable_token_indices`, on the output head too when it is not tied), unless
+`modules_to_save` already names the embedding / head, in which case those whole matrices train.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +21,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from sftlab.model.load import DTYPES
+from sftlab.model.tokens import embedding_module_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,14 +35,18 @@ class FullFineTune:
     def quantization_config(self) -> Any:
         return None
 
-    def apply(self, model: PreTrainedModel) -> PreTrainedModel:
+    def apply(self, model: PreTrainedModel, new_token_ids: Sequence[int] = ()) -> PreTrainedModel:
         model.requires_grad_(True)
         return model
 
 
 @dataclass
 class LoRA:
-    """Low-rank adapters on `target_modules` ("all-linear" = every linear layer except the output head)."""
+    """Low-rank adapters on `target_modules` ("all-linear" = every linear layer except the output head).
+
+    `use_dora` (weight-decomposed LoRA, conf/adapter/dora.yaml) and `use_rslora` (rank-stabilized scaling
+    alpha/sqrt(r), conf/adapter/rslora.yaml) are flags of the same peft LoRA, hence of this class.
+    """
 
     name: str = "lora"
     r: int = 16
@@ -48,25 +61,42 @@ class LoRA:
     def quantization_config(self) -> Any:
         return None
 
-    def lora_config(self) -> LoraConfig:
+    def token_indices(self, model: PreTrainedModel, new_token_ids: Sequence[int]) -> dict | None:
+        """{embedding module: rows of the new tokens to train}; None when there is nothing to do."""
+        if not new_token_ids:
+            return None
+        names = embedding_module_names(model)
+        if set(names) & set(self.modules_to_save or []):
+            log.info("New tokens: %s trained whole (adapter.modules_to_save)", sorted(names))
+            return None
+        return {name: sorted(new_token_ids) for name in names}
+
+    def lora_config(self, trainable_token_indices: dict[str, list[int]] | None = None) -> LoraConfig:
         target = self.target_modules
         return LoraConfig(
             r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             target_modules=target if isinstance(target, str) else list(target),
             modules_to_save=list(self.modules_to_save) if self.modules_to_save else None,
+            trainable_token_indices=trainable_token_indices,
             use_dora=self.use_dora, use_rslora=self.use_rslora, bias=self.bias, task_type="CAUSAL_LM",
         )
 
     def prepare(self, model: PreTrainedModel) -> PreTrainedModel:
         return model
 
-    def apply(self, model: PreTrainedModel) -> PeftModel:
-        return get_peft_model(self.prepare(model), self.lora_config())
+    def apply(self, model: PreTrainedModel, new_token_ids: Sequence[int] = ()) -> PeftModel:
+        indices = self.token_indices(model, new_token_ids)
+        return get_peft_model(self.prepare(model), self.lora_config(indices))
+
+
+def _prepare_kbit(model: PreTrainedModel) -> PreTrainedModel:
+    # Casts norms to fp32 and enables input grads; gradient checkpointing is decided by the trainer config.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 @dataclass
 class QLoRA(LoRA):
-    """LoRA on a 4-bit (NF4, double-quantized) frozen base, bitsandbytes; also runs on CPU with bnb >= 0.46."""
+    """LoRA on a 4-bit (NF4, double-quantized) frozen base (bitsandbytes; runs on CPU with bnb >= 0.46)."""
 
     name: str = "qlora"
     quant_type: str = "nf4"
@@ -84,8 +114,21 @@ class QLoRA(LoRA):
         )
 
     def prepare(self, model: PreTrainedModel) -> PreTrainedModel:
-        # Casts norms to fp32 and enables input grads; gradient checkpointing is decided by the trainer config.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return _prepare_kbit(model)
+
+
+@dataclass
+class LoRA8bit(LoRA):
+    """LoRA on an 8-bit (LLM.int8) frozen base: half the memory of bf16 weights, closer to them than NF4."""
+
+    name: str = "lora8bit"
+    llm_int8_threshold: float = 6.0
+
+    def quantization_config(self) -> BitsAndBytesConfig:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.llm_int8_threshold)
+
+    def prepare(self, model: PreTrainedModel) -> PreTrainedModel:
+        return _prepare_kbit(model)
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
