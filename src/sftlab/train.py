@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sftlab import artifacts, console, tracking
+from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
 from sftlab.model.load import check_available, load_model, load_tokenizer, model_source
 from sftlab.module import SFTModule
@@ -34,10 +35,12 @@ def resolve_precision(precision: str | int) -> str | int:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
-def evaluate(evaluator, model, tokenizer, template, datamodule, run_dir: Path, tag: str) -> dict:
-    log.info("Evaluating the %s model on the %s split", tag, evaluator.split)
-    rows = datamodule.splits[evaluator.split].rows
-    return evaluator.run(model, tokenizer, template, rows, out_file=run_dir / "eval" / f"generations_{tag}.jsonl")
+def evaluate(suite: EvalSuite | None, model: torch.nn.Module, tag: str) -> dict:
+    """Run the chosen `eval` options on `model` as `tag`; all results so far: {"base": ..., "tuned": ...}."""
+    if suite is None:
+        return {}
+    log.info("Evaluating the %s model: %s", tag, ", ".join(suite.evaluators))
+    return suite.run(model, tag)
 
 
 def run(cfg: DictConfig) -> float:
@@ -59,10 +62,8 @@ def run(cfg: DictConfig) -> float:
     log.info("Instantiating model <%s> with adapter <%s>", source, cfg.adapter._target_)
     adapter = instantiate(cfg.adapter, _convert_="all")
     model = load_model(cfg.model, source, quantization_config=adapter.quantization_config())
-    evaluator = instantiate(cfg.eval, _convert_="all") if cfg.get("eval") else None
-    evals = {}
-    if evaluator is not None and evaluator.compare_base:
-        evals["base"] = evaluate(evaluator, model, tokenizer, template, datamodule, run_dir, "base")
+    suite = build_suite(cfg.get("eval"), tokenizer, template, datamodule.splits, run_dir / "eval")
+    evals = evaluate(suite, model, "base") if suite is not None and suite.compare_base else {}
     model = adapter.apply(model)
     trainable, total = trainable_parameters(model)
     log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -83,8 +84,7 @@ def run(cfg: DictConfig) -> float:
         artifacts.restore_best(module, best_path)
         saved = artifacts.save_model(run_dir, module.model, tokenizer, template)
         log.info("Saved %s", saved)
-        if evaluator is not None:
-            evals["tuned"] = evaluate(evaluator, module.model, tokenizer, template, datamodule, run_dir, "tuned")
+        evals = evaluate(suite, module.model, "tuned") or evals
         metrics = {
             "train": {"loss": _metric(trainer, "train/loss")},
             "val": {"loss": _metric(trainer, "val/loss"), "best_loss": _best(trainer)},
@@ -96,6 +96,8 @@ def run(cfg: DictConfig) -> float:
         }
         artifacts.write_json(run_dir / "metrics.json", metrics)
         tracking.log_summary(loggers, {"eval": evals, "val/best_loss": metrics["val"]["best_loss"]})
+        if suite is not None and tracking.wandb_of(loggers) is not None:
+            suite.log_to_wandb(tracking.wandb_of(loggers).experiment)
     finally:
         sync_hint = tracking.finish(loggers)
     if evals:
