@@ -1,83 +1,179 @@
-"""Dataset rows -> messages ([{"role", "content"}, ...]). Pure functions, one per format.
+"""Dataset rows -> messages ([{"role", "content"}, ...]) or, for plain text, one document string.
 
-Formats: `messages` (OpenAI), `sharegpt` (conversations/from/value), `alpaca` (instruction/input/output),
-`prompt_completion`. `detect_format` picks one from a row's keys when `data.format` is unset.
+Formats (`data.format`, or detected per row from its keys when unset):
+  * `messages` (OpenAI): {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+  * `sharegpt`: {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value": str}, ...]}
+  * `alpaca`: {"instruction", "input" (optional), "output", "system" (optional)}
+  * `prompt_completion`: {"prompt", "completion", "system" (optional)}
+  * `text`: {"text"} — continued pre-training, every token trained.
+
+`data.fields` maps these canonical key names to the dataset's own column names, e.g.
+`{instruction: question, output: answer}` or `{messages: chat, role: speaker, content: text}`.
+
+Validation is strict and never coerces: a number where a string belongs is an error, not `str(42)`. Every
+error is a `BadRow` carrying a short `reason` code, so lenient mode (`data.on_error=skip`) can count skipped
+rows by reason and strict mode can name the file, line, problem and fix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from sftlab.data.templates import check_messages
 from sftlab.errors import DataError
 
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool", "function_response": "tool"}
+                  "assistant": "assistant", "tool": "tool", "function_response": "tool",
+                  "observation": "tool"}
+REASONS = ("bad_json", "not_an_object", "unknown_format", "missing_field", "wrong_type", "empty_content",
+           "unknown_role", "no_assistant", "invalid_unicode")
+
+Conversation = list[dict] | str  # messages, or one plain-text document (format `text`)
 
 
-def _field(row: dict, key: str, where: str, optional: bool = False) -> str:
-    value = row.get(key)
-    if value is None and optional:
-        return ""
+class BadRow(DataError):
+    """One invalid row: `reason` is one of REASONS; the message names the row and says what to do."""
+
+    def __init__(self, where: str, reason: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.reason = reason
+
+
+def check_text(value: object, what: str, where: str, *, allow_empty: bool = False) -> str:
+    """A non-empty (unless allowed) string of valid Unicode (a lone surrogate cannot be tokenized)."""
+    if value is None:
+        raise BadRow(where, "missing_field", f"{what} is missing. Add it or map the column with data.fields.")
     if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"{where}: field {key!r} must be a string, but it is {got}.")
+        raise BadRow(where, "wrong_type", f"{what} must be a string, but it is a {type(value).__name__} "
+                     f"({str(value)[:40]!r}). Store it as a string (quoted); it is never converted silently.")
+    if not allow_empty and not value.strip():
+        raise BadRow(where, "empty_content", f"{what} is empty. Fill it in or remove the row.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(where, "invalid_unicode", f"{what} holds a lone UTF-16 surrogate (e.g. a '\\ud83d' "
+                     "escape without its pair), which is not text. Fix the encoding of that row.") from None
     return value
 
 
-def from_messages(row: dict, where: str) -> list[dict]:
-    return check_messages(row.get("messages"), where)
+def check_messages(messages: object, where: str, key: str = "messages") -> list[dict]:
+    """Validate one conversation; raise BadRow naming `where` (file:line), the problem and the fix."""
+    if messages is None:
+        raise BadRow(where, "missing_field", f"field {key!r} is missing. Add it or map it with data.fields.")
+    if not isinstance(messages, list):
+        raise BadRow(where, "wrong_type", f"field {key!r} must be a list of messages, got "
+                     f"{type(messages).__name__}.")
+    if not messages:
+        raise BadRow(where, "empty_content", f"field {key!r} is an empty list. Remove the row.")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRow(where, "wrong_type", f"message {j} must be an object, got {type(m).__name__}.")
+        if not isinstance(m.get("role"), str):
+            raise BadRow(where, "missing_field" if m.get("role") is None else "wrong_type",
+                         f"message {j} needs a string 'role' (one of {', '.join(ROLES)}).")
+        if m["role"] not in ROLES:
+            raise BadRow(where, "unknown_role",
+                         f"message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}.")
+        check_text(m.get("content"), f"message {j} ({m['role']}) 'content'", where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(where, "no_assistant", "no assistant message, so nothing to train on. Add the response "
+                     "turn, or use data.format=text for plain documents.")
+    return messages
 
 
-def from_sharegpt(row: dict, where: str) -> list[dict]:
-    turns = row.get("conversations")
+class _Row:
+    """A row seen through `data.fields`: canonical key -> the dataset's column."""
+
+    def __init__(self, row: dict, fields: Mapping[str, str], where: str) -> None:
+        self.row, self.fields, self.where = row, fields, where
+
+    def name(self, key: str) -> str:
+        return self.fields.get(key, key)
+
+    def get(self, key: str) -> object:
+        return self.row.get(self.name(key))
+
+    def text(self, key: str, optional: bool = False) -> str:
+        value = self.get(key)
+        if optional and value is None:
+            return ""
+        return check_text(value, f"field {self.name(key)!r}", self.where, allow_empty=optional)
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        system = self.text("system", optional=True)
+        return [{"role": "system", "content": system}, *messages] if system.strip() else messages
+
+
+def from_messages(r: _Row) -> list[dict]:
+    raw = r.get("messages")
+    role, content = r.name("role"), r.name("content")
+    if isinstance(raw, list) and (role, content) != ("role", "content"):
+        raw = [{"role": m.get(role), "content": m.get(content)} if isinstance(m, dict) else m for m in raw]
+    return check_messages(raw, r.where, r.name("messages"))
+
+
+def from_sharegpt(r: _Row) -> list[dict]:
+    turns = r.get("conversations")
     if not isinstance(turns, list):
-        raise DataError(f"{where}: field 'conversations' must be a list of {{from, value}} objects.")
+        return check_messages(turns, r.where, r.name("conversations"))  # raises the right reason
     messages = []
     for j, t in enumerate(turns):
-        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: turn {j} needs 'from' in {sorted(SHAREGPT_ROLES)}.")
-        messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")})
-    return check_messages(messages, where)
+        if not isinstance(t, dict):
+            raise BadRow(r.where, "wrong_type", f"turn {j} must be an object with 'from' and 'value'.")
+        speaker = t.get(r.name("from"))
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRow(r.where, "unknown_role" if isinstance(speaker, str) else "missing_field",
+                         f"turn {j} has 'from' {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}.")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get(r.name("value"))})
+    return check_messages(messages, r.where, r.name("conversations"))
 
 
-def from_alpaca(row: dict, where: str) -> list[dict]:
-    instruction = _field(row, "instruction", where)
-    extra = _field(row, "input", where, optional=True)
-    prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return check_messages(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": _field(row, "output", where)}], where
-    )
+def from_alpaca(r: _Row) -> list[dict]:
+    instruction, extra = r.text("instruction"), r.text("input", optional=True)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    output = r.text("output")
+    return r.with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
 
 
-def from_prompt_completion(row: dict, where: str) -> list[dict]:
-    return check_messages(
-        [{"role": "user", "content": _field(row, "prompt", where)},
-         {"role": "assistant", "content": _field(row, "completion", where)}],
-        where,
-    )
+def from_prompt_completion(r: _Row) -> list[dict]:
+    return r.with_system([{"role": "user", "content": r.text("prompt")},
+                          {"role": "assistant", "content": r.text("completion")}])
 
 
-FORMATS: dict[str, Callable[[dict, str], list[dict]]] = {
+def from_text(r: _Row) -> str:
+    return r.text("text")
+
+
+FORMATS: dict[str, Callable[[_Row], Conversation]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
     "alpaca": from_alpaca,
     "prompt_completion": from_prompt_completion,
+    "text": from_text,
 }
-_SIGNATURES = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca", "prompt": "prompt_completion"}
+# Checked in this order: the first key present decides.
+_SIGNATURES = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca",
+               "prompt": "prompt_completion", "text": "text"}
 
 
-def detect_format(row: dict, where: str) -> str:
+def detect_format(row: dict, where: str, fields: Mapping[str, str] | None = None) -> str:
+    fields = fields or {}
     for key, fmt in _SIGNATURES.items():
-        if key in row:
+        if fields.get(key, key) in row:
             return fmt
-    raise DataError(
-        f"{where}: cannot tell the data format from keys {sorted(row)}. Expected one of "
-        f"{sorted(_SIGNATURES)}; or set data.format to one of {sorted(FORMATS)}."
-    )
+    raise BadRow(where, "unknown_format", f"cannot tell the data format from keys {sorted(row)}. Expected "
+                 f"one of {sorted(_SIGNATURES)}; set data.format to one of {sorted(FORMATS)} and map "
+                 "columns with data.fields.")
 
 
-def to_messages(row: object, fmt: str | None, where: str) -> list[dict]:
+def to_messages(
+    row: object, fmt: str | None, where: str, fields: Mapping[str, str] | None = None
+) -> Conversation:
+    """One row -> its conversation (or document, for `text`). Raises BadRow with a reason code."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}.")
-    return FORMATS[fmt or detect_format(row, where)](row, where)
+        raise BadRow(where, "not_an_object", f"each row must be a JSON object, got {type(row).__name__}.")
+    fields = fields or {}
+    fmt = fmt or detect_format(row, where, fields)
+    if fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r} is not a format; use one of {sorted(FORMATS)} or null.")
+    return FORMATS[fmt](_Row(row, fields, where))

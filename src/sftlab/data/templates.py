@@ -8,6 +8,11 @@ response string. A template owns three facts that must agree between training an
   * `stop_strings`: what ends an assistant turn, for generation.
 
 One template = one config file under conf/template/ naming this class as `_target_` with its strings.
+`{bos_token}` / `{eos_token}` in a template string stand for the tokenizer's own tokens (alpaca ends a
+response with EOS, whatever the model calls it); `bind(tokenizer)` fills them in; tokenize.py calls it.
+
+`TokenizerTemplate` (`template=tokenizer`) uses the tokenizer's own Jinja chat template instead: it renders
+prefixes of the conversation and diffs the strings to find each assistant span, so no token ids are searched.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sftlab.errors import DataError
+from sftlab.errors import ConfigError, DataError
 
-ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
+PLACEHOLDERS = ("bos_token", "eos_token")
 
 
 @dataclass(frozen=True)
@@ -46,15 +52,44 @@ class ChatTemplate:
     # "turn": the system message is its own turn; "merge_user": it is prepended to the first user message
     # (templates without a system role, e.g. Mistral v0.3).
     system_mode: str = "turn"
-    bos: bool = False  # prepend the tokenizer's BOS token id once
+    # Prepend the tokenizer's BOS token id once: true, false, or "auto" = where the tokenizer itself adds one
+    # (Llama, Mistral, Gemma do; GPT-2-style tokenizers such as SmolLM2's do not).
+    bos: bool | str = False
     default_system: str | None = None
     stop_strings: list[str] = field(default_factory=list)
+    # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
+    special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def bind(self, tokenizer: Any) -> ChatTemplate:
+        """Resolve `{bos_token}` / `{eos_token}` and `bos: auto` for this tokenizer (idempotent)."""
+        self.special = {k: getattr(tokenizer, k) or "" for k in PLACEHOLDERS}
+        bos = self.bos
+        if bos == "auto":
+            ids = tokenizer("a")["input_ids"]
+            bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+        self.special["use_bos"] = bool(bos)
+        return self
+
+    def uses_bos(self) -> bool:
+        if self.bos == "auto" and "use_bos" not in self.special:
+            raise RuntimeError(f"template {self.name!r} has bos: auto: call bind(tokenizer) first")
+        return bool(self.special.get("use_bos", self.bos))
+
+    def _fill(self, text: str) -> str:
+        if "{" not in text:
+            return text
+        for key in PLACEHOLDERS:
+            if "{" + key + "}" in text:
+                if key not in self.special:
+                    raise RuntimeError(f"template {self.name!r} uses {{{key}}}: call bind(tokenizer) first")
+                text = text.replace("{" + key + "}", self.special[key])
+        return text
 
     def _prefix(self, role: str) -> str:
-        return self.prefixes.get(role, self.prefixes.get("default", "")).replace("{role}", role)
+        return self._fill(self.prefixes.get(role, self.prefixes.get("default", "")).replace("{role}", role))
 
     def _suffix(self, role: str) -> str:
-        return self.suffixes.get(role, self.suffixes.get("default", ""))
+        return self._fill(self.suffixes.get(role, self.suffixes.get("default", "")))
 
     def _with_system(self, messages: Sequence[dict]) -> list[dict]:
         msgs = [dict(m) for m in messages]
@@ -79,9 +114,10 @@ class ChatTemplate:
                 or (i == last_assistant and train_on == "last_assistant")
             )
             segments.append(Segment(self._prefix(role), train_on == "all"))
-            segments.append(Segment(self.leads.get(role, "") + m["content"] + self._suffix(role), trained))
+            lead = self._fill(self.leads.get(role, ""))
+            segments.append(Segment(lead + m["content"] + self._suffix(role), trained))
             if self.separator:
-                segments.append(Segment(self.separator, train_on == "all"))
+                segments.append(Segment(self._fill(self.separator), train_on == "all"))
         return [s for s in segments if s.text]
 
     def generation_prompt(self, messages: Sequence[dict]) -> list[Segment]:
@@ -95,37 +131,138 @@ class ChatTemplate:
         A test checks that `apply_chat_template` with it renders exactly the text of `render` and
         `generation_prompt`, so serving stacks (vLLM, transformers) prompt the model as training did.
         """
+        # Placeholders are resolved here, so the saved template is exact for the tokenizer it is saved with.
+        fill = self._fill
         j = json.dumps
+        prefixes, suffixes = ({k: fill(v) for k, v in d.items()} for d in (self.prefixes, self.suffixes))
+        leads = {k: fill(v) for k, v in self.leads.items()}
         default_system = "none" if self.default_system is None else j(self.default_system)
         merge = "true" if self.system_mode == "merge_user" else "false"
         return (
-            f"{{%- set P = {j(self.prefixes)} -%}}{{%- set S = {j(self.suffixes)} -%}}{{%- set L = {j(self.leads)} -%}}"
+            f"{{%- set P = {j(prefixes)} -%}}{{%- set S = {j(suffixes)} -%}}{{%- set L = {j(leads)} -%}}"
             "{%- set msgs = messages -%}"
             f"{{%- if {default_system} is not none and (msgs|length == 0 or msgs[0]['role'] != 'system') -%}}"
             f"{{%- set msgs = [{{'role': 'system', 'content': {default_system}}}] + msgs -%}}{{%- endif -%}}"
             "{%- set ns = namespace(system=none, merged=false) -%}"
             f"{{%- if {merge} and msgs|length > 0 and msgs[0]['role'] == 'system' -%}}"
             "{%- set ns.system = msgs[0]['content'] -%}{%- set msgs = msgs[1:] -%}{%- endif -%}"
-            + ("{{- bos_token -}}" if self.bos else "")
+            + ("{{- bos_token -}}" if self.uses_bos() else "")
             + "{%- for m in msgs -%}{%- set content = m['content'] -%}"
             "{%- if ns.system is not none and m['role'] == 'user' and not ns.merged -%}"
             "{%- set content = ns.system + '\n\n' + content -%}{%- set ns.merged = true -%}{%- endif -%}"
             "{{- P.get(m['role'], P.get('default', '')).replace('{role}', m['role']) + L.get(m['role'], '')"
-            f" + content + S.get(m['role'], S.get('default', '')) + {j(self.separator)} -}}}}"
+            f" + content + S.get(m['role'], S.get('default', '')) + {j(fill(self.separator))} -}}}}"
             "{%- endfor -%}{%- if add_generation_prompt -%}"
             "{{- P.get('assistant', P.get('default', '')).replace('{role}', 'assistant') -}}{%- endif -%}"
         )
 
 
-def check_messages(messages: object, where: str) -> list[dict]:
-    """Validate one conversation; raise DataError naming `where` (file:line) and the fix."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}.")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {j} must be an object with string 'role' and 'content'.")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}.")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so nothing to train on. Add the response turn.")
-    return messages
+
+@dataclass
+class TokenizerTemplate:
+    """`template=tokenizer`: the tokenizer's own Jinja chat template (or `chat_template` given here).
+
+    Spans come from rendering prefixes of the conversation and diffing the strings: for assistant turn i,
+    `render(msgs[:i], add_generation_prompt=True)` is the untrained prompt, and the text up to the end of
+    `render(msgs[:i+1])` holds the response. The trained span runs from the end of that prompt to the first
+    special token (the end-of-turn marker, e.g. `<|im_end|>`, `<|eot_id|>`) after the response content; text
+    after it (a newline) is untrained, as with the named templates. Templates that rewrite earlier turns
+    (so a shorter conversation is not a prefix of a longer one) are refused with a message, never guessed at.
+    The Jinja template usually writes BOS itself, so `bos` stays false.
+    """
+
+    name: str = "tokenizer"
+    chat_template: str | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    bos: bool = False
+    tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
+    specials: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def uses_bos(self) -> bool:
+        return bool(self.bos)
+
+    def bind(self, tokenizer: Any) -> TokenizerTemplate:
+        if not (self.chat_template or getattr(tokenizer, "chat_template", None)):
+            raise ConfigError(
+                "template=tokenizer: this tokenizer has no chat_template. Pick a named template "
+                "(template=chatml|llama3|mistral|gemma|alpaca) or set template.chat_template (Jinja)."
+            )
+        if tokenizer is not self.tokenizer:
+            self.tokenizer = tokenizer
+            special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+            self.specials = sorted(special | set(tokenizer.all_special_tokens), key=len, reverse=True)
+        return self
+
+    def _apply(self, messages: Sequence[dict], generation: bool) -> str:
+        if self.tokenizer is None:
+            raise RuntimeError("template=tokenizer: call bind(tokenizer) first")
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation, chat_template=self.chat_template
+        )
+
+    def _response_end(self, upto: str, start: int, content: str) -> int:
+        """End of the trained span: the response content plus the end-of-turn token that follows it."""
+        span = upto[start:]
+        k = span.find(content)
+        if k < 0 and content.strip():  # e.g. Llama 3 templates `| trim` the content
+            content = content.strip()
+            k = span.find(content)
+        if k < 0:
+            raise DataError(
+                "template=tokenizer: the chat template does not render the assistant content verbatim, so "
+                "its span cannot be found. Use a named template (template=chatml|llama3|...)."
+            )
+        tail_at = start + k + len(content)
+        tail = upto[tail_at:]
+        hits = [(tail.find(tok), len(tok)) for tok in self.specials if tok in tail]
+        if not hits:
+            return len(upto)
+        at, length = min(hits)
+        return tail_at + at + length
+
+    def _spans(self, msgs: Sequence[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+        """The rendered text and, per assistant turn, (message index, start, end) of its response span."""
+        full = self._apply(msgs, False)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._apply(msgs[:i], True)
+            upto = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], False)
+            if not (upto.startswith(prompt) and full.startswith(upto)):
+                raise DataError(
+                    f"template=tokenizer: rendering assistant turn {i} does not extend the earlier turns "
+                    "(it rewrites history, e.g. drops reasoning), so the training prompt would differ "
+                    "from the inference prompt. Use a named template."
+                )
+            spans.append((i, len(prompt), self._response_end(upto, len(prompt), m["content"])))
+        return full, spans
+
+    @staticmethod
+    def _cut(text: str, spans: list[tuple[int, int, int]], train_on: str) -> list[Segment]:
+        last = spans[-1][0] if spans else -1
+        segments, pos = [], 0
+        for i, start, end in spans:
+            trained = train_on in ("all", "all_assistant") or (train_on == "last_assistant" and i == last)
+            segments += [Segment(text[pos:start], train_on == "all"), Segment(text[start:end], trained)]
+            pos = end
+        segments.append(Segment(text[pos:], train_on == "all"))
+        return [s for s in segments if s.text]
+
+    def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
+        full, spans = self._spans(messages)
+        return self._cut(full, spans, train_on)
+
+    def generation_prompt(self, messages: Sequence[dict]) -> list[Segment]:
+        """Cut at the same places as `render`, so its tokens are the prefix of the training tokens."""
+        full, spans = self._spans(messages)
+        prompt = self._apply(messages, True)
+        if not prompt.startswith(full):
+            raise DataError("template=tokenizer: add_generation_prompt=True does not extend the history.")
+        return self._cut(prompt, spans, "none")
+
+    def to_jinja(self) -> str:
+        if self.chat_template is None and self.tokenizer is None:
+            raise RuntimeError("template=tokenizer: call bind(tokenizer) first")
+        return self.chat_template or self.tokenizer.chat_template
+

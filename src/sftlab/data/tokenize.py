@@ -7,6 +7,18 @@ follow by construction:
     first response token (no BPE merge can straddle the prompt/response boundary);
   * a token is supervised iff it comes from a trained segment, so the end-of-turn token is trained even when
     pad == eos, and padding (added later by the collator) never is.
+The label of position 0 is always -100: nothing predicts the first token, and in a packed row this is what
+keeps one example's first token from being a target of the previous example's last token.
+
+Sentencepiece-style tokenizers (Llama 2, Mistral, Gemma; a `Metaspace` pre-tokenizer) prepend a dummy-prefix
+space ("▁") to any text tokenized alone, which per-segment tokenization would insert at every segment
+boundary. For those, the first segment of a sequence is tokenized as is (a whole-string tokenization has the
+prefix there too) and every later segment is tokenized behind a "\n" whose tokens are then stripped
+(torchtune's trick), so "[/INST]" + " Paris" yields the same pieces as inside the whole string. Byte-level BPE
+tokenizers (GPT-2, Llama 3, SmolLM2, Qwen) add nothing and are tokenized plainly.
+
+Plain-text documents (format `text`) are not templated: BOS (if the template has one) + text + EOS, all
+trained.
 """
 
 from __future__ import annotations
@@ -16,7 +28,10 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.data.templates import ChatTemplate, Segment
+from sftlab.data.formats import Conversation
+from sftlab.data.templates import ChatTemplate, Segment, TokenizerTemplate
+
+Template = ChatTemplate | TokenizerTemplate
 
 IGNORE_INDEX = -100
 TRUNCATION = ("truncate", "drop")
@@ -26,36 +41,78 @@ TRUNCATION = ("truncate", "drop")
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    status: str  # "kept" | "truncated" | a drop reason: "too_long", "no_targets_after_truncation"
+    status: str  # "kept" | "truncated" | a drop reason: too_long, no_targets, no_targets_after_truncation
+    position_ids: list[int] | None = None  # set for packed rows only: restarts at 0 for every example
 
     @property
     def dropped(self) -> bool:
         return self.status not in ("kept", "truncated")
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """Tokenize each distinct text once, in one batched call (template headers repeat on every row)."""
+def dummy_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The ids of "\n" if the tokenizer adds a sentencepiece dummy prefix to a text alone, else None."""
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    if not pieces or not str(pieces[0]).startswith("▁"):
+        return None
+    return tokenizer("\n", add_special_tokens=False)["input_ids"]
+
+
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, *, continuation: bool = False
+) -> dict[str, list[int]]:
+    """Tokenize each distinct text once, in one batched call (template headers repeat on every row).
+
+    `continuation`: the texts follow other text in the sequence, so a dummy-prefix space must not be added.
+    """
     unique = list(dict.fromkeys(texts))
     if not unique:
         return {}
-    ids = tokenizer(unique, add_special_tokens=False)["input_ids"]
-    return dict(zip(unique, ids, strict=True))
+    marker = dummy_prefix_ids(tokenizer) if continuation else None
+    if marker is None:
+        ids = tokenizer(unique, add_special_tokens=False)["input_ids"]
+        return dict(zip(unique, ids, strict=True))
+    ids = tokenizer(["\n" + t for t in unique], add_special_tokens=False)["input_ids"]
+    if any(i[: len(marker)] != marker for i in ids):  # "\n" merged into the text: no clean cut exists
+        raise ValueError("cannot strip the sentencepiece dummy prefix: '\\n' does not tokenize separately")
+    return {t: i[len(marker) :] for t, i in zip(unique, ids, strict=True)}
+
+
+@dataclass
+class Vocab:
+    """Token ids per segment text: `first` for a sequence's first segment, `rest` for the others."""
+
+    first: dict[str, list[int]]
+    rest: dict[str, list[int]]
+
+    @classmethod
+    def build(cls, rendered: Sequence[Sequence[Segment]], tokenizer: PreTrainedTokenizerBase) -> Vocab:
+        if dummy_prefix_ids(tokenizer) is None:  # one batched call for everything
+            both = tokenize_texts([s.text for segs in rendered for s in segs], tokenizer)
+            return cls(both, both)
+        first = tokenize_texts([segs[0].text for segs in rendered if segs], tokenizer)
+        rest = tokenize_texts([s.text for segs in rendered for s in segs[1:]], tokenizer, continuation=True)
+        return cls(first, rest)
 
 
 def segments_to_ids(
-    segments: Sequence[Segment], vocab: dict[str, list[int]], bos_id: int | None
+    segments: Sequence[Segment], vocab: Vocab | dict[str, list[int]], bos_id: int | None
 ) -> tuple[list[int], list[int]]:
+    if isinstance(vocab, dict):
+        vocab = Vocab(vocab, vocab)
     input_ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
-    for seg in segments:
-        ids = vocab[seg.text]
+    for k, seg in enumerate(segments):
+        ids = (vocab.first if k == 0 else vocab.rest)[seg.text]
         input_ids.extend(ids)
         labels.extend(ids if seg.train else [IGNORE_INDEX] * len(ids))
+    if labels:
+        labels[0] = IGNORE_INDEX  # never predicted; packed, it must not be the previous example's target
     return input_ids, labels
 
 
 def fit_length(input_ids: list[int], labels: list[int], max_length: int | None, policy: str) -> Encoded:
-    """Apply `max_length`: keep, truncate from the right, or drop; an example left with no target is dropped."""
+    """Apply `max_length`: keep, truncate from the right, or drop; one left with no target is dropped."""
     status = "kept"
     if max_length is not None and len(input_ids) > max_length:
         if policy == "drop":
@@ -67,13 +124,21 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int | None, 
     return Encoded(input_ids, labels, status)
 
 
-def bos_id_for(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    return tokenizer.bos_token_id if template.bos else None
+def bos_id_for(template: Template, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    return tokenizer.bos_token_id if template.uses_bos() else None
+
+
+def render(conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase,
+           train_on: str) -> list[Segment]:
+    """Template segments of a conversation, or a trained document + EOS for plain text."""
+    if isinstance(conversation, str):
+        return [Segment(conversation, True), Segment(tokenizer.eos_token, True)]
+    return template.render(conversation, train_on=train_on)
 
 
 def encode_conversations(
-    conversations: Sequence[Sequence[dict]],
-    template: ChatTemplate,
+    conversations: Sequence[Conversation],
+    template: Template,
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int | None = None,
@@ -81,8 +146,9 @@ def encode_conversations(
     train_on: str = "all_assistant",
 ) -> list[Encoded]:
     """Render, tokenize (one batched tokenizer call) and mask a list of conversations."""
-    rendered = [template.render(conv, train_on=train_on) for conv in conversations]
-    vocab = tokenize_texts([s.text for segs in rendered for s in segs], tokenizer)
+    template.bind(tokenizer)
+    rendered = [render(conv, template, tokenizer, train_on) for conv in conversations]
+    vocab = Vocab.build(rendered, tokenizer)
     bos_id = bos_id_for(template, tokenizer)
     out = []
     for segs in rendered:
@@ -92,9 +158,10 @@ def encode_conversations(
 
 
 def encode_prompt(
-    messages: Sequence[dict], template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
+    messages: Sequence[dict], template: Template, tokenizer: PreTrainedTokenizerBase
 ) -> list[int]:
     """Token ids inference feeds the model for the next assistant turn (same tokenization as training)."""
+    template.bind(tokenizer)
     segs = template.generation_prompt(messages)
-    ids, _ = segments_to_ids(segs, tokenize_texts([s.text for s in segs], tokenizer), bos_id_for(template, tokenizer))
+    ids, _ = segments_to_ids(segs, Vocab.build([segs], tokenizer), bos_id_for(template, tokenizer))
     return ids
