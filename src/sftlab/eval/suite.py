@@ -11,7 +11,8 @@ generation pass per model) and error analysis can use the judge's flags. Each is
 the adapter is applied) and on the tuned model, unless its `compare_base` is false.
 
 Results: `eval/results.json` ({"base": {...}, "tuned": {...}, "delta": {...}}), `eval/generations.jsonl`
-(one row per example and model, with every per-example score), the metrics dict returned for metrics.json
+(one row per example and model, with every per-example score; also split per model as
+`generations_base.jsonl` and `generations_tuned.jsonl`), the metrics dict returned for metrics.json
 (generate's metrics unprefixed, e.g. `exact_match`; the others as `<option>/<metric>`), and W&B tables.
 """
 
@@ -152,10 +153,13 @@ class EvalSuite:
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(self.out_dir / "results.json", {**self.results, "delta": self.deltas()})
-        with open(self.out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
-            for tag, records in self.records.items():
-                for rec in records:
-                    f.write(json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) + "\n")
+        rows = {tag: [json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) for rec in records]
+                for tag, records in self.records.items()}
+        (self.out_dir / "generations.jsonl").write_text("".join(r + "\n" for rs in rows.values() for r in rs),
+                                                         encoding="utf-8")
+        for tag, lines in rows.items():  # one file per model too, for reading (or diffing) one side alone
+            (self.out_dir / f"generations_{tag}.jsonl").write_text("".join(r + "\n" for r in lines),
+                                                                     encoding="utf-8")
 
     def log_to_wandb(self, run: Any) -> None:
         """Generations and the comparison as W&B tables on an open run (`wandb.Run`), if any."""
