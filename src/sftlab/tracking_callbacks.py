@@ -1,0 +1,68 @@
+"""Callbacks that feed experiment tracking: sample generations as a W&B table, peak memory.
+
+They come with the logger choice (conf/logger/*.yaml adds them to `callbacks`), so `logger=csv` runs carry no
+W&B-only work. Both run on rank zero only and never change training.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from sftlab.eval.generate import generate, split_prompt
+from sftlab.tracking import wandb_of
+
+SAMPLE_COLUMNS = ["step", "prompt", "reference", "output"]
+
+
+class GenerationSamples(pl.Callback):
+    """After each validation, greedy generations for the first `num_samples` validation conversations, logged
+    as the W&B table `val/samples` (step, prompt, reference, output): watch the answers change as the loss
+    falls. The same examples every time, so rows are comparable across steps and across sweep jobs.
+    """
+
+    def __init__(self, num_samples: int = 4, max_new_tokens: int = 32) -> None:
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wb = wandb_of(trainer.loggers)
+        dm = trainer.datamodule
+        if wb is None or trainer.sanity_checking or self.num_samples <= 0 or "val" not in dm.splits:
+            return
+        rows = sample_rows(pl_module.model, dm, self.num_samples, self.max_new_tokens, trainer.global_step)
+        wb.log_table("val/samples", columns=SAMPLE_COLUMNS, data=rows, step=trainer.global_step)
+
+
+def sample_rows(model: torch.nn.Module, datamodule: pl.LightningDataModule, n: int, max_new_tokens: int,
+                step: int) -> list[list]:
+    """[step, prompt (last user turn), reference, output] for the first n validation conversations."""
+    histories, references = zip(*(split_prompt(c) for c in datamodule.splits["val"].rows[:n]), strict=True)
+    outs = generate(model, datamodule.tokenizer, datamodule.template, histories,
+                    max_new_tokens=max_new_tokens, batch_size=n)
+    return [[step, h[-1]["content"], r, o["text"]]
+            for h, r, o in zip(histories, references, outs, strict=True)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # ru_maxrss: bytes on macOS, KiB on Linux
+
+
+class PeakMemory(pl.Callback):
+    """Logs `perf/peak_memory_mb` with the training metrics (every `trainer.log_every_n_steps` steps).
+
+    The peak only grows: each value is the peak so far, earlier validations and generations included.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log("perf/peak_memory_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
+
