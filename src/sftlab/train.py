@@ -7,6 +7,7 @@ loss so Hydra sweepers (Optuna) can minimize it.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sftlab import artifacts, console, tracking
+from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
 from sftlab.model.load import check_available, load_model, load_tokenizer, model_source
@@ -122,7 +124,17 @@ def _best(trainer: pl.Trainer) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as err:
+        if tracking.in_sweep():
+            # One failing sweep job must not stop the others: logged, error.txt in its dir, NaN returned.
+            return tracking.record_failure(Path(cfg.paths.output_dir), err)
+        if not isinstance(err, SFTLabError):
+            raise
+        # A problem the user can fix: one message, not a library traceback.
+        log.error("%s", err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
