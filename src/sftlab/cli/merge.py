@@ -1,0 +1,145 @@
+"""`sftlab-merge run=<run dir> [out=<dir>]`: fold the adapter into the base and write a servable HF directory.
+
+The output loads with plain `AutoModelForCausalLM.from_pretrained(out)` and serves with `vllm serve out`:
+safetensors weights, the tokenizer with the run's chat template, and a generation config whose stop tokens
+include the template's end-of-turn token (vLLM and transformers stop on `generation_config.eos_token_id`).
+
+QLoRA / 8-bit runs: by default (`base=dequantized`) the adapter is merged into the dequantized quantized
+base, i.e. the very weights it was trained against, so the merged model computes what the adapter model did.
+`base=original` merges into the original-precision weights instead (the adapter then also "undoes" the
+quantization error it learned around). Either way the largest logits difference between the merged model and
+the adapter model is measured on a probe prompt, printed and written to `merge_report.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from sftlab import artifacts
+from sftlab.cli.args import parse
+from sftlab.data.tokenize import encode_prompt
+from sftlab.errors import ConfigError, SFTLabError
+from sftlab.eval.generate import stop_token_ids
+from sftlab.model.load import DTYPES
+from sftlab.runs import MERGED_CONFIG, LoadedRun, load_run
+
+log = logging.getLogger("sftlab.merge")
+
+PROBE = [{"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): the 5th of March, 2021"},
+         {"role": "assistant", "content": "2021-03-05"}, {"role": "user", "content": "And what is 2 + 2?"}]
+
+
+@dataclass
+class MergeArgs:
+    """run: a train.py run directory. out: where to write (default <run>/merged). dtype: weights to save
+    (default: the run's model.dtype). base: dequantized | original (quantized runs only). overwrite: replace
+    an existing out directory."""
+
+    run: str = "???"
+    out: str | None = None
+    dtype: str | None = None
+    base: str = "dequantized"
+    overwrite: bool = False
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+
+
+def _quantized(run: LoadedRun) -> bool:
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in run.model.modules())
+
+
+def _dequantized_base_with_adapter(run_dir: Path, dtype: torch.dtype) -> PeftModel:
+    """The quantized base, dequantized to plain Linear layers, with the adapter loaded on top."""
+    base = load_run(run_dir, with_adapter=False)
+    base.model.dequantize()
+    model = base.model.to(dtype)
+    return PeftModel.from_pretrained(model, run_dir / "adapter")
+
+
+def merged_model(args: MergeArgs) -> tuple[PreTrainedModel, LoadedRun, dict]:
+    """(merged model, the adapter run it came from, report with the measured logits difference)."""
+    run_dir = Path(args.run)
+    adapter_run = load_run(run_dir)
+    dtype = DTYPES[args.dtype or adapter_run.cfg.model.dtype]
+    ids = encode_prompt(PROBE, adapter_run.template, adapter_run.tokenizer)
+    reference = probe_logits(adapter_run.model, ids)
+    quantized = _quantized(adapter_run)
+    if not isinstance(adapter_run.model, PeftModel):  # full fine-tuning: nothing to merge, just export
+        model = adapter_run.model
+    elif quantized and args.base == "dequantized":
+        model = _dequantized_base_with_adapter(run_dir, dtype).merge_and_unload()
+    elif quantized:
+        model = load_run(run_dir, quantized=False).model.merge_and_unload()
+    else:
+        model = adapter_run.model.merge_and_unload()
+    model = model.to(dtype).eval()
+    diff = (probe_logits(model, ids) - reference).abs()
+    report = {
+        "run": str(run_dir), "quantized_base": quantized, "merged_into": args.base if quantized else "base",
+        "dtype": str(dtype).removeprefix("torch."), "probe_tokens": len(ids),
+        "logits_max_abs_diff": float(diff.max()), "logits_mean_abs_diff": float(diff.mean()),
+        "greedy_next_token_agreement": float((probe_logits(model, ids).argmax(-1) == reference.argmax(-1))
+                                             .float().mean()),
+    }
+    return model, adapter_run, report
+
+
+def write_merged(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict) -> None:
+    """Weights + tokenizer (with the chat template) + generation config + the run's config + the report."""
+    stops = stop_token_ids(run.template, run.tokenizer)
+    model.config.use_cache = True  # training turned the KV cache off; serving wants it
+    gen = model.generation_config
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = run.tokenizer.pad_token_id
+    gen.bos_token_id = run.tokenizer.bos_token_id
+    model.save_pretrained(out)
+    run.tokenizer.chat_template = run.template.to_jinja()
+    run.tokenizer.save_pretrained(out)
+    (out / MERGED_CONFIG).write_text(OmegaConf.to_yaml(run.cfg), encoding="utf-8")
+    artifacts.write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
+
+
+def merge(args: MergeArgs) -> Path:
+    if args.base not in ("dequantized", "original"):
+        raise ConfigError(f"base={args.base!r}: use base=dequantized or base=original.")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ConfigError(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
+    out = Path(args.out) if args.out else Path(args.run) / "merged"
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise SFTLabError(f"out={str(out)!r} is not empty; pass overwrite=true or another out.")
+        shutil.rmtree(out)
+    model, run, report = merged_model(args)
+    out.mkdir(parents=True, exist_ok=True)
+    write_merged(out, model, run, report)
+    log.info("Merged model written to %s (logits max |diff| vs the adapter model: %.3g)", out,
+             report["logits_max_abs_diff"])
+    print(f"merged: {out}\nlogits max |diff| vs adapter model: {report['logits_max_abs_diff']:.3g} "
+          f"(greedy agreement {report['greedy_next_token_agreement']:.3f})\nserve: vllm serve {out}  "
+          f"or  sftlab-serve run={out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        merge(parse(MergeArgs, argv, prog="sftlab-merge"))
+    except SFTLabError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
