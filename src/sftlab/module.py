@@ -7,22 +7,36 @@ with the step's global target count (`step_targets`); Lightning divides each mic
 Logits are computed only at target positions: the decoder's hidden states are gathered where labels are not
 -100 and only those rows go through the output head, so no (batch x length x vocab) fp32 tensor is built.
 
-Checkpoints hold only trainable weights (plus optimizer and loop state): adapter-sized for LoRA.
+Checkpoints hold only trainable weights (plus optimizer, loop and RNG state): adapter-sized for LoRA.
+
+The training random stream (dropout; torch, CUDA, Python and NumPy RNGs, one set per rank) continues from
+where the previous training batch left it: its state is taken at the end of every training step and put back
+at the start of the next one. Whatever runs in between (validation creating its loader iterator, callbacks)
+cannot shift it, and a resumed run restores the saved state there, so it draws the same dropout masks as an
+uninterrupted run. Changing how often validation runs does not change the training trajectory either.
+
+A non-finite step loss stops the run before that step is applied (`NonFiniteLossError`), naming the step and
+the last checkpoint to resume from; the check uses the rank-summed loss, so all ranks stop together.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from peft import PeftModel
 from torchmetrics import MeanMetric
 
 from sftlab.data.tokenize import IGNORE_INDEX
+from sftlab.errors import SFTLabError
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -30,7 +44,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target positions, number of target positions)."""
     lm = unwrap(model)
     hidden = lm.get_decoder()(
@@ -49,13 +64,52 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     return loss_sum, mask.sum()
 
 
+class NonFiniteLossError(SFTLabError):
+    """The loss of an optimizer step is NaN or infinite; the step was not applied."""
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states as tensors and plain values, so `torch.load(weights_only=True)` reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
+    """`True`/"non_reentrant" (recommended) or "reentrant" activation checkpointing of the decoder layers.
+
+    Reentrant checkpointing only back-propagates into a segment whose *inputs* require grad; with a frozen
+    embedding they do not, and the LoRA weights inside each checkpointed layer would silently get no gradient.
+    `enable_input_require_grads` makes the embedding output require grad, which fixes that for both modes.
+    """
+    if mode not in (True, "reentrant", "non_reentrant"):
+        raise SFTLabError(f"gradient_checkpointing={mode!r}: use false, true (non-reentrant) or reentrant.")
+    lm = unwrap(model)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    lm.enable_input_require_grads()
+
+
 class SFTModule(pl.LightningModule):
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -64,18 +118,25 @@ class SFTModule(pl.LightningModule):
         self.model.train()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         if gradient_checkpointing:
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            unwrap(model).enable_input_require_grads()
+            enable_gradient_checkpointing(model, gradient_checkpointing)
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
         self._step_loss = torch.zeros(())
         self._step_targets = 0
         self._step_tokens = 0
         self._step_clock = time.perf_counter()
+        self._train_rng: dict[str, Any] | None = None  # RNG state at the end of the last training step
 
     # ---- training -------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._train_rng is not None:
+            set_rng_states(self._train_rng)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_targets = token_loss_sum(self.model, batch)
+        # Backward and the optimizer step draw no random numbers (checkpointed recomputation restores its own
+        # RNG state), so this is the state the next training step starts from.
+        self._train_rng = rng_states()
         self._step_loss = self._step_loss + loss_sum.detach().float().cpu()
         self._step_targets += int(n_targets)
         self._step_tokens += int(batch["attention_mask"].sum())
@@ -90,10 +151,22 @@ class SFTModule(pl.LightningModule):
             loss, targets, tokens = totals[0], int(totals[1]), int(totals[2])
         now = time.perf_counter()
         elapsed = max(now - self._step_clock, 1e-9)
-        self.log("train/loss", float(loss) / max(targets, 1), prog_bar=True, rank_zero_only=True)
+        step_loss = float(loss) / max(targets, 1)
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(self._non_finite_message(step_loss))
+        self.log("train/loss", step_loss, prog_bar=True, rank_zero_only=True)
         self.log("train/tokens_per_s", tokens / elapsed, rank_zero_only=True)
         self.log("train/target_tokens_per_s", targets / elapsed, rank_zero_only=True)
         self._step_loss, self._step_targets, self._step_tokens, self._step_clock = torch.zeros(()), 0, 0, now
+
+    def _non_finite_message(self, loss: float) -> str:
+        saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]
+        ckpt = saved[0] if saved else ""
+        where = f"resume from {ckpt} with resume={ckpt}" if ckpt else "no checkpoint was saved yet"
+        return (f"train/loss is {loss} at optimizer step {self.trainer.global_step + 1} "
+                f"(epoch {self.trainer.current_epoch}); the run stopped before applying it, so the weights "
+                f"and checkpoints are intact: {where}. Lower optimizer.lr, use trainer.precision=32 or "
+                "bf16-mixed instead of 16-mixed, or look for a broken example in the data.")
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -113,7 +186,8 @@ class SFTModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- adapter-sized checkpoints --------------------------------------------------------------------
@@ -123,3 +197,19 @@ class SFTModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["rng_states"] = self._all_rank_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:  # a checkpoint saved by another world size: rank r takes the states of rank r mod saved
+            self._train_rng = states[self.global_rank % len(states)]
+
+    def _all_rank_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank draws different dropout masks, so each keeps its own states (Lightning calls this hook
+        on every rank and writes rank 0's checkpoint)."""
+        mine = self._train_rng or rng_states()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [mine]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        return gathered

@@ -6,15 +6,46 @@ sampler plans the step up front: per epoch it permutes the examples (seed + epoc
 steps of `batch_size * accumulate * world_size` examples, and hands each rank its micro-batches together with
 the step's *global* target-token count. No communication is needed and the plan is identical on every rank.
 
+Every rank gets the same number of micro-batches in every step (DDP would hang otherwise): a short final step
+is cut into `world_size * k` micro-batches as evenly as possible. When the final step has fewer examples than
+ranks, those few examples (at most `world_size - 1`, different ones each epoch when shuffling) are left out of
+that epoch and reported in the log, as `drop_last` would do, instead of padding with repeated examples.
+
 Micro-batch k of an epoch belongs to step k // accumulate, matching Lightning's accumulation boundaries
-(`batch_idx % accumulate_grad_batches`). The sampler is resumable: `state_dict` records the epoch and how many
-micro-batches were consumed, so a resumed run continues the same sample stream.
+(`batch_idx % accumulate_grad_batches`, and the last batch of the epoch closes the step).
+
+Resume: Lightning restarts a mid-epoch run by iterating the dataloader again. `resume_from(epoch, consumed)`
+makes the next iteration over `epoch` skip the `consumed` micro-batches the checkpoint had already trained on;
+the datamodule takes `consumed` from Lightning's loop progress (a counter kept here would be off by the batch
+Lightning fetches ahead).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def split_evenly(items: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous slices whose sizes differ by at most one (larger ones first)."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (p < extra)
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
+class _EpochHook:
+    def __init__(self, owner: StepPlanSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
 
 
 class StepPlanSampler:
@@ -35,11 +66,21 @@ class StepPlanSampler:
         self.world_size, self.rank = world_size, rank
         self.shuffle, self.seed = shuffle, seed
         self.epoch = 0
-        self.consumed = 0  # micro-batches of `epoch` already yielded (for resume)
+        self._resume: tuple[int, int] | None = None  # (epoch, micro-batches to skip) for the next iteration
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+        """Called by Lightning at the start of every epoch, through `sampler` below."""
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> _EpochHook:
+        """Lightning's `_set_sampler_epoch` calls `set_epoch` on `dataloader.sampler` and on
+        `dataloader.batch_sampler.sampler`, never on the batch sampler itself; without this hook every epoch
+        would replay epoch 0's order (found by the lead: a 2-epoch run reshuffled nothing)."""
+        return _EpochHook(self)
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        self._resume = (epoch, consumed)
 
     def _order(self) -> list[int]:
         order = list(range(len(self.num_targets)))
@@ -47,35 +88,43 @@ class StepPlanSampler:
             random.Random(self.seed + self.epoch).shuffle(order)
         return order
 
-    def plan(self) -> list[list[tuple[int, int]]]:
-        """This rank's micro-batches for the current epoch, each example tagged with its step's target count."""
+    def _global_steps(self) -> tuple[list[list[int]], list[int]]:
+        """The epoch's global steps, and the examples left out because there are fewer than ranks."""
         order = self._order()
-        per_rank_step = self.batch_size * self.accumulate
-        global_step = per_rank_step * self.world_size
+        size = self.batch_size * self.accumulate * self.world_size
+        steps = [order[s : s + size] for s in range(0, len(order), size)]
+        if steps and len(steps[-1]) < self.world_size:
+            return steps[:-1], steps[-1]
+        return steps, []
+
+    def _rank_micro_batches(self, step: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of one global step; every rank gets the same number of them."""
+        k = min(self.accumulate, -(-len(step) // (self.batch_size * self.world_size)))
+        k = min(k, len(step) // self.world_size)  # each of the world_size * k micro-batches non-empty
+        chunks = split_evenly(step, self.world_size * k)
+        # Micro-batch j of rank r is chunk j * world_size + r, so ranks hold near-equal token work.
+        return [chunks[j * self.world_size + self.rank] for j in range(k)]
+
+    def plan(self) -> list[list[tuple[int, int]]]:
+        """This rank's micro-batches of this epoch, each example tagged with its step's target count."""
+        steps, _ = self._global_steps()
         batches = []
-        for start in range(0, len(order), global_step):
-            step = order[start : start + global_step]
+        for step in steps:
             total = sum(self.num_targets[i] for i in step)
-            # Ranks take contiguous slices; a short final step still splits as evenly as it can.
-            share = -(-len(step) // self.world_size)
-            mine = step[self.rank * share : (self.rank + 1) * share]
-            for b in range(0, len(mine), self.batch_size):
-                batches.append([(i, total) for i in mine[b : b + self.batch_size]])
+            batches.extend([(i, total) for i in mb] for mb in self._rank_micro_batches(step))
         return batches
 
     def __len__(self) -> int:
         return len(self.plan())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        plan = self.plan()
-        while self.consumed < len(plan):
-            batch = plan[self.consumed]
-            self.consumed += 1
-            yield batch
-        self.epoch, self.consumed = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        left_out = self._global_steps()[1]
+        if left_out and self.rank == 0:
+            log.warning("epoch %d: %d example(s) left out: the last step has fewer examples than %d ranks",
+                        self.epoch, len(left_out), self.world_size)
+        skip = 0
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            skip = consumed if epoch == self.epoch else 0
+            self._resume = None
+        yield from self.plan()[skip:]
