@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sftlab import artifacts, console, tracking
+from sftlab.callbacks import resolve_resume
 from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
@@ -81,7 +82,7 @@ def run(cfg: DictConfig) -> float:
                             "params": {"trainable": trainable, "total": total}, "data_counts": datamodule.counts()})
     sync_hint = None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.get("resume"), run_dir))
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         artifacts.restore_best(module, best_path)
         saved = artifacts.save_model(run_dir, module.model, tokenizer, template)

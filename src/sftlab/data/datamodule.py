@@ -164,7 +164,31 @@ class SFTDataModule(pl.LightningDataModule):
             shuffle=self.shuffle,
             seed=self.seed,
         )
-        return self._loader(_Examples(self.splits["train"].examples), batch_sampler=self.sampler)
+        resume = getattr(self, "_resume_state", None)
+        if resume:  # set by load_state_dict when Lightning restores a checkpoint
+            self.sampler.resume_from(resume["epoch"], resume["consumed"])
+        # Own generator: creating the loader iterator then draws nothing from the global torch RNG, so a
+        # resumed run (which creates it mid-epoch) keeps the same dropout stream as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(_Examples(self.splits["train"].examples), batch_sampler=self.sampler,
+                            generator=generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the train sample stream stands, for an exact mid-epoch resume.
+
+        Taken from Lightning's loop progress, not from the sampler: Lightning fetches one batch ahead, so the
+        sampler has always yielded one micro-batch more than was trained. `processed` counts the micro-batches
+        trained in this epoch whether the save happens at batch end or after validation.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        fit_loop = trainer.fit_loop
+        return {"sampler": {"epoch": fit_loop.epoch_progress.current.processed,
+                            "consumed": fit_loop.epoch_loop.batch_progress.current.processed}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_state = state_dict.get("sampler")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(_Examples(self.splits["val"].examples), batch_size=self.eval_batch_size)
