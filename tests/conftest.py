@@ -60,3 +60,47 @@ def chatml(tiny_cfg):
     from hydra.utils import instantiate
 
     return instantiate(tiny_cfg.template, _convert_="all")
+
+
+# ---- finished adapter runs (merge, serve, new tokens) ----------------------------------------------------
+def chat_batch(conversations, template, tokenizer):
+    """A right-padded training batch, built by the real tokenize + collate."""
+    from sftlab.data.datamodule import collate
+    from sftlab.data.tokenize import encode_conversations
+
+    enc = encode_conversations(conversations, template, tokenizer)
+    targets = sum(sum(label != -100 for label in e.labels[1:]) for e in enc)
+    feats = [{"input_ids": e.input_ids, "labels": e.labels, "step_targets": targets, "index": i}
+             for i, e in enumerate(enc)]
+    return collate(feats, tokenizer.pad_token_id)
+
+
+def make_adapter_run(run_dir: Path, overrides: list[str], scale: float = 0.1):
+    """A finished run directory as train.py writes it (config.yaml + adapter/). Every trainable tensor gets
+    seeded noise of `scale` (LoRA B starts at zero: an untouched adapter would equal the base, and merge
+    tests would prove nothing). Returns (run_dir, the in-memory adapter model, tokenizer, template)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from sftlab import artifacts
+    from sftlab.model.load import load_model, load_tokenizer, model_source
+    from sftlab.model.tokens import add_special_tokens, fit_embeddings
+
+    cfg = compose_cfg(["model=tiny_random", *overrides], output_dir=run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_config(run_dir, cfg)
+    source = model_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))
+    template = instantiate(cfg.template, _convert_="all").bind(tokenizer)
+    adapter = instantiate(cfg.adapter, _convert_="all")
+    model = load_model(cfg.model, source, quantization_config=adapter.quantization_config())
+    fit_embeddings(model, tokenizer)
+    model = adapter.apply(model, new_token_ids=token_ids)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+    model.eval()
+    artifacts.save_model(run_dir, model, tokenizer, template)
+    return run_dir, model, tokenizer, template

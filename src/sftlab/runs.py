@@ -72,4 +72,6 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, quantized: bool 
     else:
         raise SFTLabError(f"run={run_dir!r}: neither adapter/ nor model/ found; did the run finish?")
     model.eval()
+    if hasattr(template, "bind"):  # resolves `{eos_token}` / `bos: auto` for this run's tokenizer
+        template.bind(tokenizer)
     return LoadedRun(run, cfg, model, tokenizer, template)

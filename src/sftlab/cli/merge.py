@@ -105,8 +105,7 @@ def write_merged(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict
     gen.pad_token_id = run.tokenizer.pad_token_id
     gen.bos_token_id = run.tokenizer.bos_token_id
     model.save_pretrained(out)
-    run.tokenizer.chat_template = run.template.to_jinja()
-    run.tokenizer.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)  # saved by training with the run's template as its chat template
     (out / MERGED_CONFIG).write_text(OmegaConf.to_yaml(run.cfg), encoding="utf-8")
     artifacts.write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
 

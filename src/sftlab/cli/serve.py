@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from sftlab.cli.args import parse
-from sftlab.data.templates import ROLES
+from sftlab.data.formats import ROLES
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import SFTLabError
 from sftlab.eval.generate import stop_token_ids
