@@ -48,9 +48,13 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target positions, number of target positions)."""
     lm = unwrap(model)
+    # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
+    # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
+    # attention never lets a real token see it; it only needs its label -100. See data/packing.py.
+    packed = "position_ids" in batch
     hidden = lm.get_decoder()(
         input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
+        attention_mask=None if packed else batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).last_hidden_state
