@@ -31,6 +31,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from sftlab.redact import redact
+
 log = logging.getLogger(__name__)
 MAX_TAG_LEN = 64  # W&B rejects longer tags
 
@@ -61,7 +63,8 @@ def job_identity(tags: list[str] | None = None) -> dict[str, Any]:
     }
     if hc.mode == RunMode.MULTIRUN:
         identity["group"] = str(hc.sweep.dir)
-    return identity
+    # Hydra resolves interpolations inside override strings (`x=${oc.env:OPENAI_API_KEY}`): mask secrets.
+    return redact(identity)
 
 
 def make_loggers(cfg: DictConfig | None) -> list[Logger]:
@@ -211,7 +214,9 @@ def _apply(target: dict[str, Any], item: Any, remove: bool = False) -> None:
 def read_offline_run(path: str | Path) -> OfflineRun:
     """Identity, config, final summary, history rows and exit code of one offline run.
 
-    `path` is the `run-*.wandb` file or the `offline-run-*` directory holding it.
+    `path` is the `run-*.wandb` file or the `offline-run-*` directory holding it. Read it once the process
+    that wrote it has exited (or after `wandb.teardown()`): `wandb.finish()` returns before wandb's service
+    process has flushed the file.
     """
     path = Path(path)
     if path.is_dir():

@@ -38,14 +38,22 @@ class GenerationSamples(pl.Callback):
         wb.log_table("val/samples", columns=SAMPLE_COLUMNS, data=rows, step=trainer.global_step)
 
 
-def sample_rows(model: torch.nn.Module, datamodule: pl.LightningDataModule, n: int, max_new_tokens: int,
-                step: int) -> list[list]:
+def sample_rows(
+    model: torch.nn.Module, datamodule: pl.LightningDataModule, n: int, max_new_tokens: int, step: int
+) -> list[list]:
     """[step, prompt (last user turn), reference, output] for the first n validation conversations."""
     histories, references = zip(*(split_prompt(c) for c in datamodule.splits["val"].rows[:n]), strict=True)
-    outs = generate(model, datamodule.tokenizer, datamodule.template, histories,
-                    max_new_tokens=max_new_tokens, batch_size=n)
-    return [[step, h[-1]["content"], r, o["text"]]
-            for h, r, o in zip(histories, references, outs, strict=True)]
+    outs = generate(
+        model,
+        datamodule.tokenizer,
+        datamodule.template,
+        histories,
+        max_new_tokens=max_new_tokens,
+        batch_size=n,
+    )
+    return [
+        [step, h[-1]["content"], r, o["text"]] for h, r, o in zip(histories, references, outs, strict=True)
+    ]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -65,4 +73,3 @@ class PeakMemory(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log("perf/peak_memory_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
-

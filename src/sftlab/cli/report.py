@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,13 +131,18 @@ def best_job(jobs: list[Job], metric: str, minimize: bool) -> Job | None:
 
 def eval_keys(jobs: list[Job]) -> list[str]:
     """Numeric metrics of the tuned model's evaluation (metrics.json `eval.tuned`), sample counts left out."""
-    keys = {f"eval.tuned.{k}" for j in jobs for k, v in (j.metrics.get("eval", {}).get("tuned") or {}).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "n"}
+    keys = {
+        f"eval.tuned.{k}"
+        for j in jobs
+        for k, v in (j.metrics.get("eval", {}).get("tuned") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "n"
+    }
     return sorted(keys)
 
 
-def table_rows(jobs: list[Job], swept: list[str], metric: str,
-               best: Job | None) -> tuple[list[str], list[list]]:
+def table_rows(
+    jobs: list[Job], swept: list[str], metric: str, best: Job | None
+) -> tuple[list[str], list[list]]:
     """Columns: job, the swept values, status, then metrics (header, dotted metrics.json key)."""
     shown = [("best val loss", "val.best_loss"), ("train loss", "train.loss")]
     shown += [(k.removeprefix("eval.tuned."), k) for k in eval_keys(jobs)]
@@ -147,17 +153,31 @@ def table_rows(jobs: list[Job], swept: list[str], metric: str,
     rows = []
     for j in jobs:
         status = f"failed: {j.error[:60]}" if j.status == "failed" else j.status
-        rows.append([("★ " if j is best else "") + j.name, *(j.overrides.get(k, "") for k in swept), status,
-                     *(_fmt(metric_value(j, k)) for _, k in shown)])
+        rows.append(
+            [
+                ("★ " if j is best else "") + j.name,
+                *(_short(j.overrides.get(k, "")) for k in swept),
+                status,
+                *(_fmt(metric_value(j, k), 1 if k == "runtime_s" else 4) for _, k in shown),
+            ]
+        )
     return columns, rows
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, decimals: int = 4) -> str:
     if value is None:
         return "-"
     if float(value).is_integer() and abs(value) >= 1:
         return str(int(value))
-    return f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"  # losses differ in the 3rd decimal
+    return (
+        f"{value:.{decimals}f}" if abs(value) >= 1e-3 else f"{value:.3g}"
+    )  # losses differ in the 3rd decimal
+
+
+def _short(override: str) -> str:
+    """An override value for the table: Optuna's 0.000776735381623706 as 0.000777."""
+    number = _number(override)
+    return override if number is None or number.is_integer() else f"{number:.3g}"
 
 
 # ---- plots --------------------------------------------------------------------------------------------
@@ -208,8 +228,12 @@ def plot_run_curves(job: Job, out: Path) -> Path | None:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     loss_ax = fig.subplots()
     for key in (k for k in keys if not k.startswith("lr-")):
-        loss_ax.plot(*zip(*job.curves[key], strict=True), marker="o" if key == "val/loss" else None,
-                     markersize=3, label=key)
+        loss_ax.plot(
+            *zip(*job.curves[key], strict=True),
+            marker="o" if key == "val/loss" else None,
+            markersize=3,
+            label=key,
+        )
     loss_ax.set(xlabel="step", ylabel="loss", title=f"Run {job.path.name}")
     lr_keys = [k for k in keys if k.startswith("lr-")]
     if lr_keys:
@@ -246,8 +270,10 @@ def optuna_results(root: Path) -> dict[str, Any] | None:
 def report_sweep(root: Path, out: Path, metric: str, minimize: bool, console: Console) -> Path:
     jobs = find_jobs(root)
     if not jobs:
-        raise SFTLabError(f"{root}: no job directories (with .hydra/overrides.yaml) found. Pass a sweep "
-                          "directory such as multirun/<date>/<time>, or a run directory.")
+        raise SFTLabError(
+            f"{root}: no job directories (with .hydra/overrides.yaml) found. Pass a sweep "
+            "directory such as multirun/<date>/<time>, or a run directory."
+        )
     swept = swept_keys(jobs)
     best = best_job(jobs, metric, minimize)
     columns, rows = table_rows(jobs, swept, metric, best)
@@ -257,20 +283,28 @@ def report_sweep(root: Path, out: Path, metric: str, minimize: bool, console: Co
 
     table = Table(title=f"Sweep {root}: {len(jobs)} jobs, best by {metric} ({'min' if minimize else 'max'})")
     for c in columns:
-        table.add_column(c)
+        table.add_column(c, overflow="fold")
     for row in rows:
         table.add_row(*map(str, row))
     console.print(table)
     summary = _best_line(best, swept, metric)
     optuna = optuna_results(root)
     if optuna and "best_params" in optuna:
-        summary += f"\n\nOptuna best trial: {optuna['best_params']} -> {optuna['best_value']:.4g}"
+        summary += f"\n\nOptuna best trial: {optuna['best_params']} -> {_fmt(optuna['best_value'])}"
     failed = [j.name for j in jobs if j.status == "failed"]
     if failed:
         summary += f"\n\nFailed jobs (see their error.txt): {', '.join(failed)}"
     console.print(summary, markup=False)
-    md = [f"# Sweep report: `{root}`", "", f"{len(jobs)} jobs; swept: {', '.join(swept) or 'nothing'}.", "",
-          markdown_table(columns, rows), "", summary, ""]
+    md = [
+        f"# Sweep report: `{root}`",
+        "",
+        f"{len(jobs)} jobs; swept: {', '.join(swept) or 'nothing'}.",
+        "",
+        markdown_table(columns, rows),
+        "",
+        summary,
+        "",
+    ]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return out / "report.md"
@@ -281,7 +315,7 @@ def _best_line(best: Job | None, swept: list[str], metric: str) -> str:
         return f"No finished job has {metric}."
     setting = ", ".join(f"{k}={best.overrides.get(k, '')}" for k in swept)
     value = metric_value(best, metric)
-    return f"Best job: {best.name} ({setting}) with {metric} = {value:.4g}; in {best.path}"
+    return f"Best job: {best.name} ({setting}) with {metric} = {_fmt(value)}; in {best.path}"
 
 
 def report_run(path: Path, out: Path, console: Console) -> Path:
@@ -304,13 +338,20 @@ def _slug(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sftlab-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a sweep (multirun/<date>/<time>) or run directory")
-    parser.add_argument("--metric", default="val.best_loss",
-                        help="dotted key of metrics.json that picks the best job (default: val.best_loss)")
-    parser.add_argument("--maximize", action="store_true",
-                        help="higher is better (default: lower for losses, higher for other metrics)")
+    parser.add_argument(
+        "--metric",
+        default="val.best_loss",
+        help="dotted key of metrics.json that picks the best job (default: val.best_loss)",
+    )
+    parser.add_argument(
+        "--maximize",
+        action="store_true",
+        help="higher is better (default: lower for losses, higher for other metrics)",
+    )
     parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: path)")
     args = parser.parse_args(argv)
-    console = Console()
+    # Piped or redirected output keeps whole rows (rich would wrap at 80 columns).
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if not args.path.is_dir():
         raise SystemExit(f"sftlab-report: {args.path} is not a directory.")
     out = args.out or args.path
