@@ -16,17 +16,23 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
+from sftlab.redact import redact
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically (a reader never sees half a file), with secrets masked."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain data with secrets masked: what config.yaml and W&B receive."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)), encoding="utf-8")
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,6 +11,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
+from sftlab.redact import redact, secret_values
+
 console = Console()
 FIRST = ("model", "template", "data", "adapter", "optimizer", "scheduler", "trainer", "eval")
 
@@ -17,9 +20,11 @@ FIRST = ("model", "template", "data", "adapter", "optimizer", "scheduler", "trai
 def print_config(cfg: DictConfig) -> None:
     tree = Tree("config", guide_style="dim")
     keys = [k for k in FIRST if k in cfg] + [k for k in cfg if k not in FIRST]
+    secrets = secret_values()
     for key in keys:
-        value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        # Unresolved (as composed) and masked: `${oc.env:...}` values are never expanded into the log.
+        first, _, rest = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [key]), resolve=False).partition("\n")
+        text = redact(textwrap.dedent(rest) if rest.strip() else first.split(":", 1)[1].strip(), secrets)
         tree.add(f"[bold]{key}[/bold]").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
     console.print(tree)
 
