@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,31 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
+from sftlab.errors import SFTLabError
 from sftlab.redact import redact
+
+
+MIN_FREE_BYTES = 1 << 30  # adapters, checkpoints and logs of a LoRA run fit in far less; a full disk fails late
+
+
+def check_writable(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """Fail before training, not at the first checkpoint, when the run directory cannot take the outputs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise SFTLabError(
+            f"paths.output_dir={str(run_dir)!r} is not writable ({err.strerror}). "
+            "Choose another directory with hydra.run.dir=... (or fix its permissions)."
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free:
+        raise SFTLabError(
+            f"paths.output_dir={str(run_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; a run needs at least "
+            f"{min_free / 2**20:.0f} MiB for checkpoints and the adapter. Free space or set hydra.run.dir elsewhere."
+        )
 
 
 def write_json(path: Path, data: Any) -> None:

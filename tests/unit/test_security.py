@@ -63,3 +63,16 @@ def test_models_default_to_no_remote_code_and_no_pickle(model):
     cfg = compose_cfg([f"model={model}"])
     assert cfg.model.trust_remote_code is False
     assert cfg.model.allow_pickle is False
+
+
+def test_unwritable_or_full_output_directory_is_reported_before_training(tmp_path):
+    from sftlab.artifacts import check_writable
+    from sftlab.errors import SFTLabError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SFTLabError, match="is not writable"):
+        check_writable(blocker / "run")
+    with pytest.raises(SFTLabError, match="MiB free on its disk"):
+        check_writable(tmp_path / "run", min_free=1 << 62)
+    check_writable(tmp_path / "run")  # an ordinary directory passes
