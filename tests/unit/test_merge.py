@@ -1,4 +1,4 @@
-"""sftlab-merge: the merged directory computes what the adapter model computed, and loads and stops on its own."""
+"""sftlab-merge: the merged directory computes what the adapter model did, and loads and stops on its own."""
 
 from __future__ import annotations
 
@@ -23,9 +23,15 @@ def logits(model, ids):
 
 @torch.no_grad()
 def greedy(model, ids, stops, n=12):
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=stops[0],
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,9 @@ def test_merged_dir_is_plain_hf_and_generates_like_the_adapter(lora_merged):
     tok = AutoTokenizer.from_pretrained(out)
     # The saved chat template prompts exactly as training did.
     ids = encode_prompt(QUESTION, run.template, run.tokenizer)
-    assert tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    assert (
+        tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    )
     gen = json.loads((out / "generation_config.json").read_text())
     stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops  # the end-of-turn token stops generation

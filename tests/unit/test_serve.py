@@ -24,8 +24,12 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(run_dir):
     """The real console entry point on a free port; the bound URL is read from its first stdout line."""
-    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", "name=tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", "name=tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"listening on (http://\S+)", line)
@@ -55,8 +59,9 @@ def test_chat_completion_equals_greedy_generation(client, expected):
 
 
 def test_streaming_chunks_join_to_the_same_text(client, expected):
-    stream = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=10,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=10, stream=True
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -66,7 +71,9 @@ def test_stop_string_cuts_the_answer(client, expected):
     text = expected["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), f"greedy text {text!r} too short for this test"
-    r = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=10, stop=[stop])
+    r = client.chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=10, stop=[stop]
+    )
     assert r.choices[0].message.content == text[: text.find(stop)]
     assert r.choices[0].finish_reason == "stop"
 
