@@ -23,6 +23,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# Throughput beside TRL and a bare loop, efficiency, memory, data preparation (README, Performance): ~10 min.
+bench: $(STAMP)
+	$(PY) -m sftlab.bench.run $(ARGS)
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 

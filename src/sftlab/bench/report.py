@@ -1,0 +1,122 @@
+"""Figures from the runners' records: per-run summary, the issue's targets, and the printed table."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from sftlab.bench.hardware import FlopModel
+from sftlab.bench.stats import Record, median_rate, padding_efficiency, ratio, steady
+
+# (what, numerator run, denominator run, threshold): "sftlab >= threshold x peer", as ratios from one run.
+RATIO_TARGETS = (
+    ("sftlab / TRL defaults", "iso/sftlab", "iso/trl-default", 1.5),
+    ("sftlab / TRL best", "iso/sftlab", "iso/trl-best", 1.2),
+    ("sftlab / bare loop", "iso/sftlab", "iso/bare", 0.95),
+    ("sftlab packed / TRL defaults (varied)", "varied/sftlab-packed", "varied/trl-default", 1.5),
+    ("sftlab packed / TRL best (varied)", "varied/sftlab-packed", "varied/trl-best", 1.2),
+    ("sftlab / bare loop (varied)", "varied/sftlab", "varied/bare", 0.95),
+)
+
+
+def summarize(records: Sequence[Record], warmup: int, peak: dict) -> dict[str, dict]:
+    out = {}
+    for rec in records:
+        steps = steady(rec.steps, warmup)
+        row = {
+            "tokens_per_s": median_rate(steps, "tokens"),
+            "target_tokens_per_s": median_rate(steps, "targets"),
+            "padding_efficiency": padding_efficiency(steps),
+            "step_s": statistics.median(s.seconds for s in steps),
+            "tokens_per_step": statistics.mean(s.tokens for s in steps),
+            "peak_memory_mb": rec.extra.get("peak_memory_mb"),
+            "measured_steps": len(steps),
+            **{k: v for k, v in rec.extra.items() if k not in ("flops", "peak_memory_mb")},
+        }
+        if rec.extra.get("flops"):
+            fm = FlopModel(**rec.extra["flops"])
+            rates = [fm.step_flops(s.tokens, s.targets, s.pairs) / s.seconds for s in steps if s.seconds > 0]
+            row["model_gflops"] = statistics.median(rates) / 1e9 if rates else None
+            if row["model_gflops"]:
+                row["efficiency_bf16"] = row["model_gflops"] / peak["bf16_gflops"]
+                row["efficiency_fp32"] = row["model_gflops"] / peak["fp32_gflops"]
+        out[rec.name] = row
+    return out
+
+
+def _target(what: str, value: float | None, threshold: float, higher: bool = True) -> dict:
+    holds = None if value is None else (value >= threshold if higher else value <= threshold)
+    return {"what": what, "value": value, "threshold": threshold, "higher_is_better": higher, "holds": holds}
+
+
+def targets(result: dict) -> list[dict]:
+    runs = result.get("runs", {})
+
+    def tps(name: str) -> float | None:
+        return runs.get(name, {}).get("tokens_per_s")
+
+    out = [
+        _target(what, ratio(tps(a), tps(b)), t) for what, a, b, t in RATIO_TARGETS if a in runs and b in runs
+    ]
+    if "iso/sftlab" in runs:
+        out.append(_target("compute efficiency (bf16 peak)", runs["iso/sftlab"].get("efficiency_bf16"), 0.45))
+    if "varied/sftlab-packed" in runs:
+        out.append(
+            _target(
+                "padding efficiency, packed (varied)",
+                runs["varied/sftlab-packed"]["padding_efficiency"],
+                0.95,
+            )
+        )
+    prep = result.get("data_prep") or {}
+    if prep:
+        out.append(_target("data preparation rows/s", prep.get("rows_per_s"), 20_000))
+        out.append(_target("cached reload s", prep.get("reload_s"), 1.0, higher=False))
+    if result.get("first_step"):
+        out.append(_target("first optimizer step s", result["first_step"].get("seconds"), 20.0, higher=False))
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(result: dict) -> str:
+    peak = result["peak"]
+    lines = [
+        f"sftlab-bench {result['date']} on {result['machine'].get('gpu') or result['machine'].get('cpu')} "
+        f"({result['machine']['cpu_threads']} threads), {result['warmup']} warm-up + {result['steps']} "
+        "measured steps, medians",
+        f"matmul peak ({peak['n']}^3): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s",
+        "",
+        f"{'run':24} {'tok/s':>7} {'tgt tok/s':>9} {'pad eff':>7} {'step s':>7} {'tok/step':>8} "
+        f"{'GFLOP/s':>8} {'%bf16pk':>7} {'peak MB':>8}",
+    ]
+    for name, r in result.get("runs", {}).items():
+        eff = r.get("efficiency_bf16")
+        lines.append(
+            f"{name:24} {_fmt(r['tokens_per_s']):>7} {_fmt(r['target_tokens_per_s']):>9} "
+            f"{_fmt(r['padding_efficiency'], '.2f'):>7} {_fmt(r['step_s'], '.2f'):>7} "
+            f"{_fmt(r['tokens_per_step']):>8} {_fmt(r.get('model_gflops')):>8} "
+            f"{_fmt(None if eff is None else 100 * eff, '.0f'):>7} {_fmt(r.get('peak_memory_mb')):>8}"
+        )
+    prep = result.get("data_prep")
+    if prep:
+        lines += [
+            "",
+            f"data preparation: {prep['rows']} alpaca rows in {prep['seconds']:.2f} s = "
+            f"{prep['rows_per_s']:.0f} rows/s; cached reload {_fmt(prep.get('reload_s'), '.3f')} s",
+        ]
+    first = result.get("first_step")
+    if first:
+        lines.append(
+            f"python train.py -> first optimizer step: {_fmt(first.get('seconds'), '.1f')} s"
+            + (f" ({first['error'][-300:]})" if first.get("error") else "")
+        )
+    lines += ["", "targets (ratios from this run):"]
+    for t in result.get("targets", []):
+        mark = {True: "holds", False: "MISSED", None: "n/a"}[t["holds"]]
+        op = ">=" if t["higher_is_better"] else "<="
+        lines.append(f"  {t['what']:40} {_fmt(t['value'], '.3g'):>8} {op} {t['threshold']:<8g} {mark}")
+    return "\n".join(lines)

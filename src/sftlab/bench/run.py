@@ -1,0 +1,260 @@
+"""`sftlab-bench` (`make bench`): throughput, efficiency, memory and data-preparation figures in one run.
+
+A plain argparse CLI rather than a Hydra app: it runs many configurations side by side, each composed from
+conf/ with the Hydra compose API (`-o KEY=VALUE` overrides apply to all of them); Hydra's run directory and
+logging would only get in the way. Every trainer runs in its own spawned process (peak RSS per runner, no
+state shared between them). Prints a table and writes `bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftlab.bench import data as gen
+from sftlab.bench.hardware import machine, matmul_peak, pick_device
+from sftlab.bench.report import render, summarize, targets
+from sftlab.bench.stats import Record
+
+log = logging.getLogger("sftlab.bench")
+ROOT = Path(__file__).resolve().parents[3]
+
+# The GPU preset: a randomly initialised model with Mistral-7B's shapes (no download), bf16 weights,
+# sequence length 2048 with gradient checkpointing.
+MISTRAL_7B_SHAPES = (
+    "model.random_init={model_type: mistral, seed: 0, hidden_size: 4096, intermediate_size: 14336, "
+    "num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 8, max_position_embeddings: 32768, "
+    "tie_word_embeddings: false}"
+)
+GPU_OVERRIDES = [
+    "model=tiny_random",
+    MISTRAL_7B_SHAPES,
+    "model.dtype=bfloat16",
+    "model.context_length=4096",
+    "data.max_length=2048",
+    "gradient_checkpointing=true",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="sftlab-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        help="Hydra override for every runner, e.g. -o model=tiny_random (repeatable)",
+    )
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
+    ap.add_argument("--steps", type=int, default=8, help="measured optimizer steps per runner (default 8)")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 steps, small data sets (smoke test)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these runners (names as in the table)")
+    ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
+    ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
+    ap.add_argument(
+        "--gpu-7b",
+        action="store_true",
+        help="CUDA: Mistral-7B shapes, random init; LoRA + QLoRA, length 2048, checkpointing",
+    )
+    ap.add_argument("--out", default="bench.json", help="where to write the figures (default bench.json)")
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps = 1, 2
+        args.varied_rows, args.prep_rows = min(args.varied_rows, 64), min(args.prep_rows, 500)
+    return args
+
+
+def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, dict]]:
+    """(name, "module:function", spec) of every trainer run, in the order they run."""
+    steps = args.warmup + args.steps
+    base = list(args.override)
+    if args.gpu_7b:
+        base = GPU_OVERRIDES + base
+        varied = _varied_file(args, workdir, max_words=900)
+        over = [*base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
+        return [
+            ("gpu/lora", "ours:run_sftlab", {"overrides": over}),
+            ("gpu/qlora", "ours:run_sftlab", {"overrides": [*over, "adapter=qlora"]}),
+        ]
+    varied = _varied_file(args, workdir)
+    vover = [*base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
+    runs = []
+    for tag, over in (("iso", base), ("varied", vover)):
+        runs += [
+            (f"{tag}/bare", "peers:run_bare", {"overrides": over}),
+            (f"{tag}/sftlab", "ours:run_sftlab", {"overrides": over}),
+            (f"{tag}/trl-default", "peers:run_trl", {"overrides": over, "trl": "default"}),
+            (f"{tag}/trl-best", "peers:run_trl", {"overrides": over, "trl": "best"}),
+        ]
+    runs.insert(
+        6, ("varied/sftlab-packed", "ours:run_sftlab", {"overrides": vover, "data": {"packing": True}})
+    )
+    runs.append(("iso/sftlab-qlora", "ours:run_sftlab", {"overrides": [*base, "adapter=qlora"]}))
+    for name, _, spec in runs:
+        spec.update(name=name, workdir=str(workdir), steps=steps)
+    return [r for r in runs if args.only is None or r[0] in args.only]
+
+
+def _varied_file(args: argparse.Namespace, workdir: Path, max_words: int = 70) -> Path:
+    rows = gen.varied_conversations(args.varied_rows, seed=0, max_words=max_words)
+    return gen.write_jsonl(rows, workdir / "varied.jsonl")
+
+
+def call(target: str, spec: dict) -> dict:
+    """Run `sftlab.bench.<module>:<function>(spec)` in a fresh spawned process."""
+    module, function = target.split(":")
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_invoke, module, function, spec).result()
+
+
+def _invoke(module: str, function: str, spec: dict) -> dict:
+    import importlib
+
+    logging.basicConfig(level=logging.WARNING)
+    return getattr(importlib.import_module(f"sftlab.bench.{module}"), function)(spec)
+
+
+def data_prep(spec: dict) -> dict:
+    """Rows/s to read, render, tokenize and mask `rows` alpaca rows (no cache), then the cached reload."""
+    from sftlab.bench import build
+
+    workdir = Path(spec["workdir"])
+    cfg = build.compose_cfg(spec["overrides"], workdir / "prep")
+    p = build.parts(cfg)
+    path = gen.write_jsonl(gen.alpaca_rows(spec["rows"]), workdir / "alpaca.jsonl")
+    settings = {
+        "train_path": str(path),
+        "val_path": None,
+        "test_path": None,
+        "format": "alpaca",
+        "cache_dir": str(workdir / "data-cache"),
+        "max_drop_ratio": 1.0,
+    }
+    timings = []
+    for _ in range(2):  # first: processed and written to the cache; second: a new datamodule reads the cache
+        dm = build.datamodule(p, **settings)
+        start = time.perf_counter()
+        dm.setup("fit")
+        timings.append(time.perf_counter() - start)
+    kept = len(dm.splits["train"].examples)
+    cached = (workdir / "data-cache").is_dir() and any((workdir / "data-cache").iterdir())
+    return {
+        "rows": spec["rows"],
+        "kept": kept,
+        "seconds": timings[0],
+        "rows_per_s": spec["rows"] / timings[0],
+        "reload_s": timings[1] if cached else None,
+        "cache": cached,
+    }
+
+
+def first_step(overrides: list[str], workdir: Path, timeout: float = 300) -> dict:
+    """Seconds from launching `python train.py` to the end of its first optimizer step (model cached).
+
+    Default config except `eval=none` (the base-model evaluation before training is a separate, optional cost)
+    and `logger=csv` (no W&B service process to leave behind when the run is stopped after its first step).
+    """
+    marker = workdir / "first_step.txt"
+    marker.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "eval=none",
+        "logger=csv",
+        *overrides,
+        f"hydra.run.dir={workdir / 'first_step_run'}",
+        "+callbacks.bench_first_step._target_=sftlab.bench.callbacks.FirstStepMarker",
+        f"+callbacks.bench_first_step.path={marker}",
+    ]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    launched = time.time()
+    errors = workdir / "first_step.log"
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                return {"seconds": None, "error": errors.read_text()[-2000:]}
+            if time.time() - launched > timeout:
+                return {"seconds": None, "error": f"no optimizer step within {timeout} s"}
+            time.sleep(0.1)
+        return {"seconds": float(marker.read_text()) - launched}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def peaks(device: torch.device, quick: bool) -> dict:
+    n = 1024 if quick else 2048
+    out = {
+        "fp32_gflops": matmul_peak(torch.float32, n=n, device=device),
+        "bf16_gflops": matmul_peak(torch.bfloat16, n=n, device=device),
+    }
+    return {**out, "n": n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    device = pick_device()
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "device": str(device),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "overrides": args.override,
+        "quick": args.quick,
+    }
+    result["peak"] = peaks(device, args.quick)
+    log.info(
+        "matmul peak: fp32 %.0f, bf16 %.0f GFLOP/s",
+        result["peak"]["fp32_gflops"],
+        result["peak"]["bf16_gflops"],
+    )
+    records = []
+    for name, target, spec in plan(args, workdir):
+        t0 = time.time()
+        records.append(Record.from_dict(call(target, spec)))
+        log.info("%-22s done in %.0f s", name, time.time() - t0)
+    result["runs"] = summarize(records, args.warmup, result["peak"])
+    if not args.gpu_7b and args.only is None:
+        result["data_prep"] = call(
+            "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
+        )
+        result["first_step"] = first_step(args.override, workdir)
+    result["targets"] = targets(result)
+    result["total_s"] = round(time.time() - started, 1)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    print(render(result))
+    print(f"\nwritten {args.out} ({result['total_s']:.0f} s)")
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+if __name__ == "__main__":
+    main()

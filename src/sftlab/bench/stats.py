@@ -1,0 +1,96 @@
+"""Pure arithmetic over recorded steps: throughput medians, padding efficiency, ratios."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sftlab.data.tokenize import IGNORE_INDEX
+
+
+@dataclass
+class Step:
+    """One optimizer step: wall seconds, non-pad tokens, target tokens, tokens computed (batch numel)."""
+
+    seconds: float
+    tokens: int
+    targets: int
+    computed: int
+    pairs: int = 0  # sum of n(n+1) over the step's examples of n tokens: the causal-attention work
+
+
+@dataclass
+class Record:
+    """What a runner hands back: its steps (warm-up included) and everything else it measured."""
+
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Record:
+        return cls(d["name"], [Step(**s) for s in d["steps"]], d.get("extra", {}))
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(non-pad tokens, target tokens, tokens computed, attention pairs) of a collated batch.
+
+    Non-pad = the attention mask's ones; a padding-free batch (TRL `padding_free`, one flattened row with
+    `position_ids` and no mask) has no padding, so every position counts. Targets exclude position 0 of each
+    row, which nothing predicts (the loss shifts labels by one).
+    """
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else input_ids.numel()
+    targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+    pairs = sum(n * (n + 1) for n in example_lengths(batch))
+    return tokens, targets, input_ids.numel(), pairs
+
+
+def example_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Lengths of the examples in a batch: per row from the attention mask, or per packed example from
+    `position_ids` restarting at 0 (packed rows and padding-free batches)."""
+    pos = batch.get("position_ids")
+    if pos is not None and (batch.get("attention_mask") is None or bool((pos[:, 1:] == 0).any())):
+        lengths: list[int] = []
+        mask = batch.get("attention_mask")
+        for row in range(pos.shape[0]):
+            p = pos[row] if mask is None else pos[row][mask[row].bool()]
+            starts = [*(p == 0).nonzero().flatten().tolist(), len(p)]
+            lengths += [b - a for a, b in itertools.pairwise(starts) if b > a]
+        return lengths
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return [batch["input_ids"].shape[-1]] * batch["input_ids"].shape[0]
+    return [int(n) for n in mask.sum(-1)]
+
+
+def steady(steps: Sequence[Step], warmup: int) -> list[Step]:
+    """The steps after warm-up (at least one, so a too-short quick run still reports a figure)."""
+    return list(steps[warmup:]) or list(steps[-1:])
+
+
+def median_rate(steps: Sequence[Step], attr: str = "tokens") -> float:
+    """Median over steps of (count / seconds): robust to one step slowed down by a neighbour's job."""
+    rates = [getattr(s, attr) / s.seconds for s in steps if s.seconds > 0]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def padding_efficiency(steps: Sequence[Step]) -> float:
+    """Non-pad tokens / tokens computed, over all given steps (1.0 = no padding at all)."""
+    computed = sum(s.computed for s in steps)
+    return sum(s.tokens for s in steps) / computed if computed else float("nan")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return None
+    return a / b
