@@ -15,15 +15,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sftlab import locate
-from sftlab.errors import SFTLabError
+from sftlab.errors import ConfigError, SFTLabError
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +123,70 @@ def _missing_weights(source: str, err: Exception) -> SFTLabError:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect: huggingface_hub itself retries with backoff for ~30 s before giving up."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_available(source: str, cfg: Any) -> None:
-    """Fail in seconds, with one message, when the weights are neither local nor reachable."""
+    """Fail in seconds, with one message, when the weights are neither local, cached nor reachable."""
     if Path(source).is_dir():
         return
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=True, **_hub_kwargs(cfg))
+        return
+    except (OSError, ValueError) as err:
+        if not hub_reachable():
+            raise _missing_weights(source, err) from None
     try:
         AutoConfig.from_pretrained(source, **_hub_kwargs(cfg))
     except (OSError, ValueError) as err:
         raise _missing_weights(source, err) from None
+
+
+def estimate_parameters(config: Any) -> int:
+    """Rough decoder-only parameter count from a config (attention with GQA + gated MLP per layer, embeddings)."""
+    h = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    vocab = getattr(config, "vocab_size", 0) or 0
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    return layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter) + 2 * vocab * h
+
+
+CPU_PARAM_LIMIT = 3_000_000_000
+
+
+def check_hardware(source: str, cfg: Any) -> None:
+    """Refuse, in seconds, to start a multi-billion-parameter run on a CPU (it would take days)."""
+    if torch.cuda.is_available() or cfg.get("allow_cpu"):
+        return
+    n = estimate_parameters(AutoConfig.from_pretrained(source, **_hub_kwargs(cfg)))
+    if n > CPU_PARAM_LIMIT:
+        raise SFTLabError(
+            f"model.name_or_path={source!r} has about {n / 1e9:.1f}B parameters and no CUDA GPU is "
+            "visible: training it on CPU would take days. Run on a GPU machine, pick a smaller model "
+            "(model=smollm2_135m), or set +model.allow_cpu=true to insist."
+        )
+
+
+def check_context_length(cfg: Any, max_length: int | None) -> None:
+    """`data.max_length` beyond the model's trained context would train positions it never saw: refuse."""
+    limit = cfg.get("context_length")
+    if limit and max_length and max_length > limit:
+        raise ConfigError(
+            f"data.max_length={max_length} exceeds model.context_length={limit} of model {cfg.get('name')!r} "
+            f"(conf/model/{cfg.get('name')}.yaml). Lower data.max_length, or raise model.context_length if "
+            "the model was extended (e.g. rope scaling)."
+        )
 
 
 def load_tokenizer(cfg: Any, source: str | None = None) -> PreTrainedTokenizerBase:
@@ -166,4 +224,27 @@ def load_model(cfg: Any, source: str | None = None, quantization_config: Any = N
     except OSError as err:
         raise _missing_weights(source, err) from None
     model.config.use_cache = False  # the KV cache only costs memory during training
+    if quantization_config is not None:
+        report_quantization(model)
     return model
+
+
+def report_quantization(model: PreTrainedModel) -> tuple[int, int]:
+    """(quantized, still full-precision) linear layers, output head excluded; logs a warning for the latter.
+
+    transformers' bitsandbytes integration only swaps layers whose type *is* `nn.Linear`, so subclasses such
+    as Falcon's `FalconLinear` stay full precision: the run still trains, with LoRA-like memory.
+    """
+    head = model.get_output_embeddings()
+    quantized, plain = 0, []
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("bitsandbytes"):  # bnb.nn.Linear4bit / Linear8bitLt
+            quantized += 1
+        elif isinstance(module, torch.nn.Linear) and module is not head:
+            plain.append(name)
+    if plain:
+        kind = type(model.get_submodule(plain[0])).__name__
+        log.warning("Quantization left %d of %d linear layers in full precision (e.g. %s, a %s): this "
+                    "architecture's linear class is not swapped by transformers' bitsandbytes integration.",
+                    len(plain), len(plain) + quantized, plain[0], kind)
+    return quantized, len(plain)
