@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
 import openai
 import pytest
+import torch
+from omegaconf import OmegaConf
 
+from sftlab.cli.serve import parse_request, stream_text
+from sftlab.data.tokenize import encode_prompt
 from sftlab.eval.generate import generate
 from sftlab.runs import load_run
 from tests.conftest import make_adapter_run
@@ -81,3 +86,28 @@ def test_stop_string_cuts_the_answer(client, expected):
 def test_bad_request_is_a_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token(run_dir, tmp_path):
+    """Make a token the model really emits mid-answer the template's end-of-turn marker: the answer must end
+    right before it, without it, with finish_reason "stop"."""
+    run = load_run(run_dir)
+    prompt = encode_prompt(QUESTION, run.template, run.tokenizer)
+    with torch.no_grad():
+        out = run.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
+    out = out.tolist()
+    tok = run.tokenizer
+    k, marker = next(
+        (k, tok.decode([t]))
+        for k, t in enumerate(out)
+        if k >= 2 and t not in out[:k] and tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]
+    )
+    shutil.copytree(run_dir, tmp_path / "run")
+    cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    cfg.template.stop_strings = [marker]
+    OmegaConf.save(cfg, tmp_path / "run" / "config.yaml")
+    stopped = load_run(tmp_path / "run")
+    req = parse_request({"messages": QUESTION, "temperature": 0, "max_tokens": 10}, stopped, cap=512)
+    parts = list(stream_text(stopped, req))
+    assert "".join(p[0] for p in parts) == tok.decode(out[:k], skip_special_tokens=True)
+    assert parts[-1][1:] == ("stop", k)
