@@ -133,7 +133,7 @@ def test_suite_writes_base_and_tuned_side_by_side(tiny_model, tokenizer, chatml,
     assert results["tuned"]["n"] == 4 and results["tuned"]["no_stop_rate"] == 1.0
     assert results["tuned"]["mean_new_tokens"] == 3.0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["delta"]["exact_match"] == 0.0 and set(saved) == {"base", "tuned", "delta"}
+    assert saved["delta"]["exact_match"] == 0.0 and set(saved) == {"base", "tuned", "delta", "forgetting"}
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["base"] * 4 + ["tuned"] * 4
     assert rows[0]["reference"] == "1991-03-11" and "rougeL" in rows[0] and rows[2]["prompt"] == "Another?"

@@ -142,8 +142,24 @@ class EvalSuite:
         self.results[tag] = flat
         if ctx._records is not None:
             self.records[tag] = ctx._records
+        if tag == "tuned" and "base" in self.results:
+            self._report_forgetting()
         self.write()
-        return dict(self.results)
+        return {k: v for k, v in self.results.items() if k in ("base", "tuned")}
+
+    def forgetting(self) -> dict[str, float]:
+        """Benchmark metrics that dropped from base to tuned (see eval/benchmarks.py)."""
+        from sftlab.eval.benchmarks import BenchmarkEval, forgetting
+
+        names = [n for n, e in self.evaluators.items() if isinstance(e, BenchmarkEval)]
+        if not names or not {"base", "tuned"} <= set(self.results):
+            return {}
+        return forgetting(self.results["base"], self.results["tuned"], names)
+
+    def _report_forgetting(self) -> None:
+        for key, change in self.forgetting().items():
+            log.warning("Forgetting: %s dropped by %.3f (base %.3f -> tuned %.3f)", key, -change,
+                        self.results["base"][key], self.results["tuned"][key])
 
     def deltas(self) -> dict[str, float]:
         base, tuned = self.results.get("base", {}), self.results.get("tuned", {})
@@ -152,7 +168,8 @@ class EvalSuite:
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(self.out_dir / "results.json", {**self.results, "delta": self.deltas()})
+        artifacts.write_json(self.out_dir / "results.json",
+                             {**self.results, "delta": self.deltas(), "forgetting": self.forgetting()})
         rows = {tag: [json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) for rec in records]
                 for tag, records in self.records.items()}
         (self.out_dir / "generations.jsonl").write_text("".join(r + "\n" for rs in rows.values() for r in rs),
