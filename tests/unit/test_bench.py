@@ -1,0 +1,134 @@
+"""sftlab-bench: the arithmetic behind its figures, and a 2-step run of every runner on the tiny model.
+
+No timing is asserted anywhere: speed is what the benchmark prints, never what a test checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from sftlab.bench import peers
+from sftlab.bench.hardware import FlopModel, flop_model
+from sftlab.bench.ours import run_sftlab
+from sftlab.bench.report import RATIO_TARGETS, summarize, targets
+from sftlab.bench.run import plan
+from sftlab.bench.stats import Record, Step, batch_counts, example_lengths, median_rate, padding_efficiency
+from sftlab.data.tokenize import IGNORE_INDEX
+
+X = IGNORE_INDEX
+
+
+def test_step_flops_counts_frozen_trainable_head_and_causal_attention():
+    fm = FlopModel(frozen=100, trainable=10, head=50, layers=2, attn_dim=8)
+    # 7 tokens, 3 targets, examples of 4 and 3 tokens: pairs = 4*5 + 3*4 = 32
+    expected = (4 * 100 + 6 * 10) * 7 + 4 * 50 * 3 + 6 * 8 * 32 * 2
+    assert fm.step_flops(tokens=7, targets=3, pairs=32) == expected
+
+
+def test_flop_model_splits_parameters_by_role(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    fm = flop_model(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert fm.trainable == lora > 0
+    assert fm.head == 49152 * 64  # tied embedding = head, counted once, as the head
+    assert fm.frozen + fm.trainable + fm.head == sum(p.numel() for p in model.parameters())
+    assert (fm.layers, fm.attn_dim) == (2, 64)
+
+
+def test_batch_counts_padded():
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "labels": torch.tensor([[X, X, 7, 8], [X, 6, X, X]]),
+    }
+    # 6 non-pad tokens, 3 targets, 8 computed, pairs 4*5 + 2*3
+    assert batch_counts(batch) == (6, 3, 8, 26)
+
+
+def test_batch_counts_packed_and_padding_free():
+    packed = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]),
+        "labels": torch.tensor([[X, 2, 3, X, 5, X]]),
+    }
+    assert example_lengths(packed) == [3, 2]
+    assert batch_counts(packed) == (5, 3, 6, 3 * 4 + 2 * 3)
+    flat = {k: v[:, :5] for k, v in packed.items() if k != "attention_mask"}  # TRL padding_free: no mask
+    assert batch_counts(flat) == (5, 3, 5, 18)
+
+
+def test_padding_efficiency_and_median_rate():
+    steps = [Step(1.0, 90, 10, 100), Step(2.0, 60, 6, 100), Step(4.0, 100, 50, 200)]
+    assert padding_efficiency(steps) == pytest.approx(250 / 400)
+    assert median_rate(steps) == 30.0  # rates 90, 30, 25
+    assert median_rate(steps, "targets") == 10.0  # 10, 3, 12.5
+
+
+def test_targets_are_ratios_of_median_rates():
+    recs = [
+        Record("iso/sftlab", [Step(1.0, 300, 30, 300)] * 3),
+        Record("iso/trl-default", [Step(1.0, 150, 9, 160)]),
+        Record("iso/trl-best", [Step(1.0, 280, 9, 280)]),
+        Record("iso/bare", [Step(1.0, 310, 9, 330)]),
+    ]
+    result = {"runs": summarize(recs, warmup=1, peak={"bf16_gflops": 1.0, "fp32_gflops": 1.0})}
+    got = {t["what"]: (t["value"] and round(t["value"], 3), t["holds"]) for t in targets(result)}
+    assert got == {
+        "sftlab / TRL defaults": (2.0, True),
+        "sftlab / TRL best": (round(300 / 280, 3), False),
+        "sftlab / bare loop": (round(300 / 310, 3), True),
+        "compute efficiency (bf16 peak)": (None, None),  # no FLOP model recorded: reported, not guessed
+    }
+
+
+def test_default_plan_runs_every_runner_a_target_names(tmp_path):
+    args = argparse.Namespace(override=[], warmup=3, steps=8, varied_rows=16, gpu_7b=False, only=None)
+    names = [name for name, _, _ in plan(args, tmp_path)]
+    assert {n for _, a, b, _ in RATIO_TARGETS for n in (a, b)} <= set(names)
+    assert "iso/sftlab-qlora" in names and len(names) == len(set(names))
+
+
+@pytest.fixture
+def spec(tmp_path, tiny_model_dir):
+    return {"overrides": ["model=tiny_random"], "workdir": str(tmp_path), "steps": 2}
+
+
+def test_sftlab_and_bare_loop_train_on_identical_batches(spec):
+    ours = Record.from_dict(run_sftlab({**spec, "name": "iso/sftlab"}))
+    bare = Record.from_dict(peers.run_bare({**spec, "name": "iso/bare"}))
+    assert len(ours.steps) == len(bare.steps) == 2
+    strip = [(s.tokens, s.targets, s.computed, s.pairs) for s in ours.steps]
+    assert strip == [(s.tokens, s.targets, s.computed, s.pairs) for s in bare.steps]
+    assert ours.extra["precision"] == bare.extra["precision"] and ours.extra["flops"] == bare.extra["flops"]
+    assert ours.extra["peak_memory_mb"] > 0
+
+
+def test_packed_run_has_no_padding_but_the_tail(spec, tmp_path):
+    from sftlab.bench.data import varied_conversations, write_jsonl
+
+    path = write_jsonl(varied_conversations(64), tmp_path / "varied.jsonl")
+    over = [*spec["overrides"], f"data.train_path={path}", "data.val_path=null", "data.test_path=null"]
+    rec = Record.from_dict(run_sftlab({**spec, "overrides": over, "name": "p", "data": {"packing": True}}))
+    assert padding_efficiency(rec.steps) > 0.95
+    assert rec.extra["data"] == {"packing": True}
+
+
+def test_trl_best_is_padding_free_and_trains_completions(spec):
+    rec = Record.from_dict(peers.run_trl({**spec, "name": "iso/trl-best", "trl": "best"}))
+    assert len(rec.steps) == 2
+    assert rec.extra["settings"] == {
+        "bf16": True,
+        "gradient_checkpointing": False,
+        "padding_free": True,
+        "packing": False,
+        "max_length": None,
+    }
+    for s in rec.steps:
+        assert s.computed == s.tokens  # one flattened row: nothing padded
+        assert 8 * 10 <= s.targets < s.tokens / 2  # completions only: each answer is a date of ~10 tokens
