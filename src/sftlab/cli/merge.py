@@ -76,7 +76,11 @@ def merged_model(args: MergeArgs) -> tuple[PreTrainedModel, LoadedRun, dict]:
     ids = encode_prompt(PROBE, adapter_run.template, adapter_run.tokenizer)
     reference = probe_logits(adapter_run.model, ids)
     quantized = _quantized(adapter_run)
-    if not isinstance(adapter_run.model, PeftModel):  # full fine-tuning: nothing to merge, just export
+    if quantized:  # the quantized model is no longer needed: free it before loading the base again
+        adapter_run.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not quantized and not isinstance(adapter_run.model, PeftModel):  # full fine-tuning: just export
         model = adapter_run.model
     elif quantized and args.base == "dequantized":
         model = _dequantized_base_with_adapter(run_dir, dtype).merge_and_unload()
@@ -85,13 +89,14 @@ def merged_model(args: MergeArgs) -> tuple[PreTrainedModel, LoadedRun, dict]:
     else:
         model = adapter_run.model.merge_and_unload()
     model = model.to(dtype).eval()
-    diff = (probe_logits(model, ids) - reference).abs()
+    merged_logits = probe_logits(model, ids)
+    diff = (merged_logits - reference).abs()
+    agreement = float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean())
     report = {
         "run": str(run_dir), "quantized_base": quantized, "merged_into": args.base if quantized else "base",
         "dtype": str(dtype).removeprefix("torch."), "probe_tokens": len(ids),
         "logits_max_abs_diff": float(diff.max()), "logits_mean_abs_diff": float(diff.mean()),
-        "greedy_next_token_agreement": float((probe_logits(model, ids).argmax(-1) == reference.argmax(-1))
-                                             .float().mean()),
+        "greedy_next_token_agreement": agreement,
     }
     return model, adapter_run, report
 
