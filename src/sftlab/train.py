@@ -22,7 +22,8 @@ from sftlab.callbacks import resolve_resume
 from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
-from sftlab.model.load import check_available, load_model, load_tokenizer, model_source
+from sftlab.model.load import check_available, check_context_length, load_model, load_tokenizer, model_source
+from sftlab.model.tokens import add_special_tokens, fit_embeddings
 from sftlab.module import SFTModule
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def run(cfg: DictConfig) -> float:
     log.info("Instantiating tokenizer, template and data <%s>", cfg.data._target_)
     source = model_source(cfg.model)
     check_available(source, cfg.model)
+    check_context_length(cfg.model, cfg.data.get("max_length"))
     tokenizer = load_tokenizer(cfg.model, source)
+    token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))  # before data is tokenized
     template = instantiate(cfg.template, _convert_="all")
     # Partial, then call: Hydra would turn a dataclass passed as a kwarg into a config node.
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, template=template)
@@ -65,9 +68,10 @@ def run(cfg: DictConfig) -> float:
     log.info("Instantiating model <%s> with adapter <%s>", source, cfg.adapter._target_)
     adapter = instantiate(cfg.adapter, _convert_="all")
     model = load_model(cfg.model, source, quantization_config=adapter.quantization_config())
+    fit_embeddings(model, tokenizer)
     suite = build_suite(cfg.get("eval"), tokenizer, template, datamodule.splits, run_dir / "eval")
     evals = evaluate(suite, model, "base") if suite is not None and suite.compare_base else {}
-    model = adapter.apply(model)
+    model = adapter.apply(model, new_token_ids=token_ids)
     trainable, total = trainable_parameters(model)
     log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
