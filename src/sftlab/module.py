@@ -25,6 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torchmetrics import MeanMetric
 
+from sftlab.callbacks import find_resume_checkpoint
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
 
@@ -164,8 +166,9 @@ class SFTModule(pl.LightningModule):
         self._step_loss, self._step_targets, self._step_tokens, self._step_clock = torch.zeros(()), 0, 0, now
 
     def _non_finite_message(self, loss: float) -> str:
-        saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]
-        ckpt = saved[0] if saved else ""
+        dirs = {Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if cb.dirpath}
+        found = [c for c in map(find_resume_checkpoint, dirs) if c is not None]
+        ckpt = str(found[0]) if found else ""  # what resume=auto would take
         where = f"resume from {ckpt} with resume={ckpt}" if ckpt else "no checkpoint was saved yet"
         return (f"train/loss is {loss} at optimizer step {self.trainer.global_step + 1} "
                 f"(epoch {self.trainer.current_epoch}); the run stopped before applying it, so the weights "

@@ -3,9 +3,14 @@
 The real entry point runs on the tiny model (24 examples, batch 4: 6 steps per epoch, 2 epochs, AdamW with
 cosine warmup from `estimated_stepping_batches`, LoRA dropout on so RNG restore matters). A test callback,
 loaded through Hydra like any callback, records every micro-batch's example ids and SIGKILLs its own process
-at a chosen step; the chain is killed twice and resumed twice with `resume=auto` in the same run directory:
-  * at the start of step 4: the newest checkpoint is the batch-end save after step 3 (mid-epoch);
-  * at the start of step 7: the newest checkpoint is the one after step 6, the last batch of epoch 0.
+at a chosen step; the chain is killed twice and resumed twice with `resume=auto` in the same run directory
+(the run's checkpoint cadence may change between restarts; the training trajectory does not depend on it):
+  * first process, last.ckpt every 3 steps, killed after 5 steps: it resumes from the batch-end save after
+    step 3, mid-epoch, and redoes steps 4 and 5;
+  * second process, last.ckpt after every validation (every 2 steps), killed after 7 steps: it resumes from
+    the save after the validation at the end of epoch 0 (step 6) and redoes the first step of epoch 1.
+Lightning's progress counters differ between a batch-end save and a save after validation, so the sampler
+position is checked on both.
 """
 
 from __future__ import annotations
@@ -59,10 +64,10 @@ def _data(tmp: Path) -> list[str]:
             "data.test_path=null"]
 
 
-def _command(run_dir: Path, data: list[str], kill_at: int | None) -> list[str]:
+def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "train.py", "model=tiny_random", "logger=csv", "eval=none", *data,
            "data.batch_size=4", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.max_epochs=2",
-           "trainer.val_check_interval=2", "callbacks.last_checkpoint.every_n_train_steps=3",
+           "trainer.val_check_interval=2", *extra,
            "callbacks.early_stopping.patience=100", "resume=auto", f"hydra.run.dir={run_dir}",
            "+callbacks.record._target_=tests.unit.test_resume.RecordBatches",
            f"+callbacks.record.path={run_dir / 'batches.jsonl'}"]
@@ -71,10 +76,10 @@ def _command(run_dir: Path, data: list[str], kill_at: int | None) -> list[str]:
     return cmd
 
 
-def _start(run_dir: Path, data: list[str], kill_at: int | None = None) -> subprocess.Popen:
+def _start(run_dir: Path, data: list[str], kill_at: int | None = None, extra: tuple = ()) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bit-identical CPU math
-    return subprocess.Popen(_command(run_dir, data, kill_at), cwd=ROOT, env=env, text=True,
+    return subprocess.Popen(_command(run_dir, data, kill_at, list(extra)), cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -92,15 +97,15 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference = _start(ref_dir, data)  # runs beside the interrupted chain (two CPU cores)
     resumed_from = []
-    for kill_at in (4, 7, None):
+    every_3_steps = ("callbacks.last_checkpoint.every_n_train_steps=3",)
+    for kill_at, extra in ((5, every_3_steps), (7, ()), (None, ())):
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         resumed_from.append(torch.load(ckpt, weights_only=True)["global_step"] if ckpt.exists() else 0)
-        code, out = _finish(_start(run_dir, data, kill_at))
+        code, out = _finish(_start(run_dir, data, kill_at, extra))
         assert code == (-signal.SIGKILL if kill_at else 0), out[-3000:]
     code, out = _finish(reference)
     assert code == 0, out[-3000:]
 
-    # The kills left checkpoints after step 3 (mid-epoch, saved at batch end) and step 6 (end of epoch 0).
     assert resumed_from == [0, 3, 6]
     ref = _records(ref_dir)
     assert len(ref) == 12 and [r["step"] for r in ref] == list(range(12))

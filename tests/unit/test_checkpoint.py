@@ -1,0 +1,173 @@
+"""Checkpoints: adapter-sized, written atomically, found by resume=auto; a NaN loss stops with them intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from sftlab.callbacks import AtomicCheckpointIO, find_resume_checkpoint, resolve_resume
+from sftlab.errors import ConfigError
+from sftlab.model.adapters import LoRA
+from sftlab.model.load import load_model, model_source
+from sftlab.module import NonFiniteLossError, SFTModule
+from tests.conftest import ROOT, compose_cfg
+from tests.unit.test_resume import DATA
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle")
+
+
+class KillDuringSecondSave(pl.Callback):
+    """Its state is pickled into every full checkpoint; on the second one the pickling SIGKILLs the process,
+    i.e. in the middle of writing that checkpoint."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def state_dict(self) -> dict:
+        self.saves += 1
+        return {"bomb": _Bomb()} if self.saves == 2 else {"saves": self.saves}
+
+
+class _Bomb:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _small_data(tmp_path, n_train=24, n_val=8) -> list[str]:
+    for split, n in (("train", n_train), ("val", n_val)):
+        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return [f"data.train_path={tmp_path / 'train.jsonl'}", f"data.val_path={tmp_path / 'val.jsonl'}",
+            "data.test_path=null"]
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------------
+def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, target)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        io.save_checkpoint({"global_step": 2, "bad": Unpicklable()}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def killed_during_save(tmp_path_factory):
+    """train.py on the tiny model, validation + checkpoints every 2 steps, SIGKILLed writing the second."""
+    tmp = tmp_path_factory.mktemp("killed")
+    run_dir = tmp / "run"
+    cmd = [sys.executable, "train.py", "model=tiny_random", "logger=csv", "eval=none", *_small_data(tmp),
+           "data.batch_size=4", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+           "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}",
+           "+callbacks.bomb._target_=tests.unit.test_checkpoint.KillDuringSecondSave"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
+    return run_dir
+
+
+def test_sigkill_during_a_save_leaves_the_previous_last_checkpoint_readable(killed_during_save):
+    ckpt_dir = killed_during_save / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 and last["optimizer_states"]
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"
+    assert resolve_resume("auto", killed_during_save) == str(ckpt_dir / "last.ckpt")
+
+
+def test_checkpoints_hold_only_the_trainable_weights(killed_during_save, tiny_cfg, tiny_model_dir):
+    model = LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir))  # the run's adapter: conf/adapter/lora
+    trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
+    ckpt_dir = killed_during_save / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert set(last["state_dict"]) == trainable
+    best = [p for p in ckpt_dir.glob("step*.ckpt")]
+    assert len(best) == 1  # top-1 by val/loss
+    best_ckpt = torch.load(best[0], weights_only=True)
+    assert set(best_ckpt["state_dict"]) == trainable and "optimizer_states" not in best_ckpt
+    assert last["SFTDataModule"]["sampler"] == {"epoch": 0, "consumed": 2}  # micro-batches trained
+
+
+# ---- resume=auto -----------------------------------------------------------------------------------------
+def test_resume_auto_picks_the_newest_readable_resumable_checkpoint(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 4, "optimizer_states": [{"s": 1}]}, ckpt_dir / "last.ckpt")
+    io.save_checkpoint({"global_step": 4, "optimizer_states": [{"s": 1}]}, ckpt_dir / "step4-val1.0.ckpt")
+    io.save_checkpoint({"global_step": 6, "state_dict": {}}, ckpt_dir / "step6-val0.9.ckpt")  # weights only
+    (ckpt_dir / "step8-val0.8.ckpt").write_bytes(b"PK\x03\x04 truncated")  # unreadable
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"
+    assert resolve_resume("auto", tmp_path) == str(ckpt_dir / "last.ckpt")
+    assert resolve_resume("auto", tmp_path / "fresh") is None  # first launch: nothing to resume
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume(str(ckpt_dir / "last.ckpt"), tmp_path / "other") == str(ckpt_dir / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"resume='nope\.ckpt'"):
+        resolve_resume("nope.ckpt", tmp_path)
+
+
+# ---- NaN / Inf guard -------------------------------------------------------------------------------------
+class PoisonedAt(SFTModule):
+    """Makes the loss of optimizer step `step` (0-based) NaN, as an fp16 overflow or a bad batch would."""
+
+    poison_step = 3
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == self.poison_step:
+            self._step_loss = self._step_loss * float("nan")
+            loss = loss * float("nan")
+        return loss
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, tiny_cfg, tiny_model_dir,
+                                                                  tokenizer, chatml):
+    data = _small_data(tmp_path)
+    cfg = compose_cfg(["model=tiny_random", *data], output_dir=tmp_path)
+    dm = instantiate(cfg.data, _partial_=True, batch_size=4)(tokenizer=tokenizer, template=chatml)
+    dm.setup("fit")
+    module = PoisonedAt(LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)),
+                        optimizer=instantiate(cfg.optimizer))
+    callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=2, logger=False,
+                         callbacks=callbacks, enable_progress_bar=False, use_distributed_sampler=False,
+                         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(NonFiniteLossError, match=f"at optimizer step 4 .*resume={last}"):
+        trainer.fit(module, datamodule=dm)
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the poisoned step was never applied
+
+
+# ---- size ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path, tokenizer, chatml):
+    """SmolLM2-135M + the default LoRA (r=16, all linear layers), one real optimizer step, real callbacks."""
+    cfg = compose_cfg(_small_data(tmp_path, n_train=8, n_val=8), output_dir=tmp_path)
+    source = model_source(cfg.model)
+    base_bytes = sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
+    dm = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, template=chatml)
+    dm.setup("fit")
+    model = instantiate(cfg.adapter, _convert_="all").apply(load_model(cfg.model, source))
+    module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=callbacks,
+                         enable_progress_bar=False, use_distributed_sampler=False,
+                         plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=dm)
+    best = next((tmp_path / "checkpoints").glob("step*.ckpt")).stat().st_size
+    last = (tmp_path / "checkpoints" / "last.ckpt").stat().st_size
+    # The best checkpoint (what becomes the adapter) is under 5% of the base model; last.ckpt adds AdamW's
+    # two moments per trainable weight, so it is about three times that, still an eighth of the base model.
+    assert best < 0.05 * base_bytes, (best, base_bytes)
+    assert last < 0.125 * base_bytes, (last, base_bytes)
