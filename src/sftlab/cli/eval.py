@@ -1,0 +1,91 @@
+"""`sftlab-eval run=<run dir> eval=[generate,judge]`: evaluate a finished run, base vs tuned.
+
+A Hydra app on conf/eval_run.yaml, so the `eval` group composes exactly as in `python train.py`
+(`eval=[generate,error_analysis] eval.generate.max_new_tokens=64`). The model, tokenizer, template and data
+come from the run (`sftlab.runs.load_run`); `test_path=` evaluates another JSONL file. The base model is
+the same loaded model with its adapter disabled (peft's `disable_adapter`), so nothing is loaded twice; a full
+fine-tuning run loads its configured base separately. Results: <run>/eval/results.json, generations.jsonl,
+worst_<model>.md (error analysis), a printed table, and W&B tables with `wandb=true`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from peft import PeftModel
+
+from sftlab import console, tracking
+from sftlab.errors import SFTLabError
+from sftlab.eval.suite import EvalSuite, build_suite
+from sftlab.runs import LoadedRun, load_run
+from sftlab.train import CONF_DIR
+
+log = logging.getLogger("sftlab.eval")
+
+
+def load_splits(run: LoadedRun, test_path: str | None) -> dict[str, Any]:
+    """The run's data splits, tokenized with the run's tokenizer and template (test_path overrides)."""
+    overrides = {"test_path": test_path} if test_path else {}
+    datamodule = instantiate(run.cfg.data, _partial_=True, **overrides)(tokenizer=run.tokenizer,
+                                                                       template=run.template)
+    datamodule.setup("test")
+    return datamodule.splits
+
+
+def evaluate_base(suite: EvalSuite, run: LoadedRun) -> None:
+    if isinstance(run.model, PeftModel):
+        with run.model.disable_adapter():  # the base model of the run, without a second load
+            suite.run(run.model, "base")
+        return
+    base = load_run(run.run_dir, with_adapter=False)
+    suite.run(base.model, "base")
+    del base
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    run = load_run(cfg.run, with_adapter=True)
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run.run_dir / "eval"
+    splits = load_splits(run, cfg.test_path)
+    suite = build_suite(cfg.get("eval"), run.tokenizer, run.template, splits, out_dir)
+    if suite is None:
+        raise SFTLabError("sftlab-eval: eval=none leaves nothing to run; choose e.g. eval=[generate].")
+    if cfg.compare_base and suite.compare_base:
+        evaluate_base(suite, run)
+    evals = suite.run(run.model, "tuned")
+    console.print_comparison(evals)
+    if cfg.wandb:
+        _log_wandb(suite, run, out_dir)
+    log.info("Results in %s", out_dir)
+    return evals
+
+
+def _log_wandb(suite: EvalSuite, run: LoadedRun, out_dir: Path) -> None:
+    import wandb
+
+    if not os.environ.get("WANDB_MODE") and not tracking.wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    with contextlib.closing(wandb.init(project="sftlab", job_type="eval", dir=str(out_dir),
+                                       name=f"eval-{run.run_dir.name}")) as wb:
+        wb.summary.update({"eval": dict(suite.results)})
+        suite.log_to_wandb(wb)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_run")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_eval(cfg)
+    except SFTLabError as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
