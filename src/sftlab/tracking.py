@@ -52,19 +52,28 @@ def in_sweep() -> bool:
 
 
 def job_identity(tags: list[str] | None = None) -> dict[str, Any]:
-    """W&B group / name / tags of the current Hydra job; empty outside a Hydra app (tests calling run())."""
+    """W&B group / name / tags of the current Hydra job; empty outside a Hydra app (tests calling run()).
+
+    The name is Hydra's `override_dirname` (sorted `key=value` joined by commas). Secrets in overrides are
+    masked as everywhere else: a credential-named key (`eval.judge.api_key=...`) and the value of a credential
+    environment variable, which Hydra interpolates into override strings (`x=${oc.env:OPENAI_API_KEY}`).
+    """
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = [_masked(o) for o in hc.overrides.task]
     identity: dict[str, Any] = {
-        "name": hc.job.override_dirname or None,
+        "name": ",".join(sorted(overrides)) or None,
         "tags": list(dict.fromkeys([*(tags or []), *(o[:MAX_TAG_LEN] for o in overrides)])),
     }
     if hc.mode == RunMode.MULTIRUN:
         identity["group"] = str(hc.sweep.dir)
-    # Hydra resolves interpolations inside override strings (`x=${oc.env:OPENAI_API_KEY}`): mask secrets.
-    return redact(identity)
+    return identity
+
+
+def _masked(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return key + sep + redact({key.rsplit(".", 1)[-1].lstrip("+~"): value}).popitem()[1]
 
 
 def make_loggers(cfg: DictConfig | None) -> list[Logger]:

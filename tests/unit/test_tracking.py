@@ -121,6 +121,16 @@ def test_reader_refuses_a_file_that_is_not_a_wandb_log(tmp_path):
         tracking.iter_records(path)
 
 
+def test_secrets_in_overrides_are_masked_before_they_become_wandb_name_and_tags(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
+    assert tracking._masked("eval.judge.api_key=sk-abc") == "eval.judge.api_key=***"
+    assert tracking._masked("+hf_token=hf_abc") == "+hf_token=***"
+    assert (
+        tracking._masked("eval.judge.url=http://h/?k=sk-test-0123456789") == "eval.judge.url=http://h/?k=***"
+    )
+    assert tracking._masked("optimizer.lr=1e-4") == "optimizer.lr=1e-4"
+
+
 def test_outside_hydra_there_is_no_job_identity():
     assert not tracking.in_sweep()
     assert tracking.job_identity(["dev"]) == {}
