@@ -91,8 +91,22 @@ def _local_file(path: str, key: str) -> Path | None:
     return None
 
 
-def read_jsonl(file: Path) -> list[Row]:
-    """Rows of a JSONL file with `file:line`; blank lines are skipped; BOM and CRLF are accepted."""
+def read_jsonl(path: str, key: str) -> list[Row]:
+    """Rows of a JSONL file (`pkg://` works) with `file:line`, raising DataError at the first unparsable line.
+    For callers outside the training pipeline (e.g. eval prompt files)."""
+    file = _local_file(path, key)
+    if file is None:
+        raise DataError(f"{key}={path!r}: file not found. Point {key} at an existing .jsonl file.")
+    rows = jsonl_rows(file)
+    bad = next((row for _, row in rows if isinstance(row, BadRow)), None)
+    if bad is not None:
+        raise bad
+    return rows
+
+
+def jsonl_rows(file: Path) -> list[Row]:
+    """Rows of a JSONL file with `file:line`; blank lines are skipped; BOM and CRLF are accepted; an
+    unparsable line becomes a BadRow in place, so lenient mode can count it."""
     rows: list[Row] = []
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -119,7 +133,7 @@ def read_json(file: Path) -> list[Row]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
-            return read_jsonl(file)
+            return jsonl_rows(file)
         raise DataError(f"{file}:{err.lineno}: invalid JSON ({err.msg}). Fix the file.") from None
     if not isinstance(data, list):
         raise DataError(f"{file}: expected a JSON array of rows or JSON Lines, not a {type(data).__name__}.")
@@ -162,7 +176,7 @@ def read_source(source: Source, key: str, split: str) -> list[Row]:
     file = _local_file(source.path, key)
     if file is None or file.suffix == ".parquet":
         return read_with_datasets(source, file, HUB_SPLITS[split], key)
-    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
+    readers = {".jsonl": jsonl_rows, ".json": read_json, ".csv": read_csv}
     if file.suffix not in readers:
         raise DataError(f"{key}={source.path!r}: unknown file type; use {', '.join(FILE_SUFFIXES)}.")
     return readers[file.suffix](file)
