@@ -144,3 +144,11 @@ def test_labels_of_reference_are_supervised(tokenizer, chatml):
     enc = encode_conversations([CONVS[0]], chatml, tokenizer)[0]
     targets = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(targets) == "1991-03-11<|im_end|>"
+
+
+def test_every_option_instantiates_and_runs_in_stage_order():
+    cfg = compose_cfg(["eval=[benchmarks,judge,error_analysis,generate,loss,mmlu]"], output_dir="/tmp/x")
+    evs = build_evaluators(cfg.eval)
+    assert list(evs) == ["loss", "generate", "judge", "error_analysis", "benchmarks", "mmlu"]
+    assert evs["judge"].criteria.keys() == {"correctness", "helpfulness", "tone", "safety"}
+    assert evs["mmlu"].tasks == ["mmlu"] and evs["benchmarks"].tasks == ["sftlab_mc"]
