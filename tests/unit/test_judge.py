@@ -96,7 +96,7 @@ def _fit(model, sequences: list[tuple[list[int], list[int]]], max_steps: int = 4
 
 
 @pytest.fixture(scope="module")
-def judge_run(request, tiny_cfg, tiny_model_dir, tokenizer, chatml) -> Path:
+def judge_run(request, tmp_path_factory, tiny_cfg, tiny_model_dir, tokenizer, chatml) -> Path:
     """A full-model run directory whose model answers the two judge prompts with VERDICTS (cached by
     content in pytest's cache dir, so only the first run pays the seconds of training)."""
     from sftlab.model.load import load_model
@@ -107,7 +107,8 @@ def judge_run(request, tiny_cfg, tiny_model_dir, tokenizer, chatml) -> Path:
                   tokenizer(v, add_special_tokens=False)["input_ids"] + [im_end])
                  for p, v in zip(judge.prompts(RECORDS), VERDICTS, strict=True)]
     key = hashlib.sha256(json.dumps([sequences, tiny_model_dir, torch.__version__]).encode()).hexdigest()[:12]
-    run = request.config.cache.mkdir(f"sftlab-judge-{key}")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: train every time
+    run = cache.mkdir(f"sftlab-judge-{key}") if cache else tmp_path_factory.mktemp("judge")
     if not (run / "model" / "config.json").is_file():
         model = load_model(tiny_cfg.model, tiny_model_dir)
         _fit(model, sequences)
