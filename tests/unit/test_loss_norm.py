@@ -67,12 +67,13 @@ def _lora_model(tiny_cfg, tiny_model_dir):
     return model
 
 
-def one_step(module_cls, micro_batch, accumulate, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file):
+def one_step(module_cls, micro_batch, accumulate, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file,
+             precision="32-true"):
     """Gradients and logged train/loss of the first optimizer step."""
     cfg = compose_cfg(["model=tiny_random", "optimizer=sgd"], output_dir="/tmp/unused")
     module = module_cls(_lora_model(tiny_cfg, tiny_model_dir), optimizer=instantiate(cfg.optimizer))
     capture = GradCapture()
-    trainer = pl.Trainer(accelerator="cpu", precision="32-true", max_steps=1,
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=1,
                          accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, callbacks=[capture], limit_val_batches=0,
                          use_distributed_sampler=False, enable_model_summary=False)
@@ -121,3 +122,14 @@ def test_control_per_micro_batch_mean_fails_the_same_check(runs, tiny_cfg, tiny_
                                                            train_file):
     grads, _ = one_step(PerMicroBatchMean, 1, 4, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file)
     assert _max_rel_diff(runs[(4, 1)][0], grads) > 100 * REL_TOL
+
+
+def test_bf16_autocast_on_cpu_trains_the_same_step(runs, tiny_cfg, tiny_model_dir, tokenizer, chatml,
+                                                   train_file):
+    """`precision=bf16-mixed` (the CPU default where supported): same loss and gradients to bf16 accuracy."""
+    grads, loss = one_step(SFTModule, 2, 2, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file,
+                           precision="bf16-mixed")
+    ref_grads, ref_loss = runs[(4, 1)]
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 master weights and gradients
+    assert _max_rel_diff(ref_grads, grads) < 0.1
