@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from sftlab.bench.hardware import synchronize
-from sftlab.bench.stats import Step, batch_counts
+from sftlab.bench.stats import Step, batch_counts, clock, elapsed
 
 
 class StepTimer(pl.Callback):
@@ -22,11 +22,11 @@ class StepTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.steps: list[Step] = []
-        self._last = 0.0
+        self._last = clock()
         self._pending = [0, 0, 0, 0]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = time.perf_counter()
+        self._last = clock()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -36,8 +36,8 @@ class StepTimer(pl.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         synchronize(pl_module.device)
-        now = time.perf_counter()
-        self.steps.append(Step(now - self._last, *self._pending))
+        now, times = elapsed(self._last)
+        self.steps.append(Step(*self._pending, **times))
         self._last, self._pending = now, [0, 0, 0, 0]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from sftlab import locate
 from sftlab.bench import build
 from sftlab.bench.data import read_conversations
 from sftlab.bench.hardware import flop_model, peak_memory_mb, pick_device, synchronize
-from sftlab.bench.stats import Record, Step, batch_counts
+from sftlab.bench.stats import Record, Step, batch_counts, clock, elapsed
 from sftlab.module import enable_gradient_checkpointing, token_loss_sum
 
 TRL_SETTINGS: dict[str, dict[str, Any]] = {
@@ -66,7 +65,7 @@ def run_bare(spec: dict[str, Any]) -> dict:
     prec = build.precision(cfg)
     clip = cfg.trainer.get("gradient_clip_val")
     steps = []
-    last = time.perf_counter()
+    last = clock()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, prec):
@@ -79,8 +78,8 @@ def run_bare(spec: dict[str, Any]) -> dict:
         optimizer.zero_grad(set_to_none=True)
         counts = batch_counts(batch)
         synchronize(device)
-        now = time.perf_counter()
-        steps.append(Step(now - last, *counts))
+        now, times = elapsed(last)
+        steps.append(Step(*counts, **times))
         last = now
     extra = {
         "precision": str(prec),
@@ -107,17 +106,17 @@ def _trl_timer(steps: list[Step], queue: list, device: torch.device) -> Any:
     from transformers import TrainerCallback
 
     class TrlStepTimer(TrainerCallback):
-        last = 0.0
+        last = (0.0, 0.0)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.last = time.perf_counter()
+            self.last = clock()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             synchronize(device)
-            now = time.perf_counter()
+            now, times = elapsed(self.last)
             counts = [sum(c) for c in zip(*queue, strict=True)] if queue else [0, 0, 0, 0]
             queue.clear()
-            steps.append(Step(now - self.last, *counts))
+            steps.append(Step(*counts, **times))
             self.last = now
 
     return TrlStepTimer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -15,13 +16,19 @@ from sftlab.data.tokenize import IGNORE_INDEX
 
 @dataclass
 class Step:
-    """One optimizer step: wall seconds, non-pad tokens, target tokens, tokens computed (batch numel)."""
+    """One optimizer step: non-pad tokens, target tokens, tokens computed (batch numel), attention work, time.
 
-    seconds: float
+    On a shared CPU, other jobs stretch wall time but hardly the process's own CPU time, so both are kept:
+    tokens per wall second is the figure the targets use, tokens per CPU second the check that a ratio is
+    not an artefact of a neighbour's load changing between runners.
+    """
+
     tokens: int
     targets: int
     computed: int
-    pairs: int = 0  # sum of n(n+1) over the step's examples of n tokens: the causal-attention work
+    pairs: int  # sum of n(n+1) over the step's examples of n tokens: the causal-attention work
+    seconds: float
+    cpu_seconds: float = 0.0  # CPU time of the process (all threads) in the step: robust to a loaded machine
 
 
 @dataclass
@@ -78,9 +85,21 @@ def steady(steps: Sequence[Step], warmup: int) -> list[Step]:
     return list(steps[warmup:]) or list(steps[-1:])
 
 
-def median_rate(steps: Sequence[Step], attr: str = "tokens") -> float:
-    """Median over steps of (count / seconds): robust to one step slowed down by a neighbour's job."""
-    rates = [getattr(s, attr) / s.seconds for s in steps if s.seconds > 0]
+def clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(since: tuple[float, float]) -> tuple[tuple[float, float], dict[str, float]]:
+    """(now, {"seconds": wall, "cpu_seconds": cpu} since `since`), for building a Step."""
+    now = clock()
+    return now, {"seconds": now[0] - since[0], "cpu_seconds": now[1] - since[1]}
+
+
+def median_rate(steps: Sequence[Step], attr: str = "tokens", clock_attr: str = "seconds") -> float:
+    """Median over steps of (count / seconds): robust to one step slowed down by a neighbour's job.
+    `clock_attr="cpu_seconds"`: per CPU second instead of per wall second."""
+    rates = [getattr(s, attr) / getattr(s, clock_attr) for s in steps if getattr(s, clock_attr) > 0]
     return statistics.median(rates) if rates else float("nan")
 
 
