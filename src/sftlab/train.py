@@ -12,17 +12,26 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sftlab import artifacts, console, tracking
+from sftlab.config import validate
 from sftlab.callbacks import resolve_resume
 from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
-from sftlab.model.load import check_available, check_context_length, load_model, load_tokenizer, model_source
+from sftlab.model.load import (
+    check_available,
+    check_context_length,
+    check_hardware,
+    load_model,
+    load_tokenizer,
+    model_source,
+)
 from sftlab.model.tokens import add_special_tokens, fit_embeddings
 from sftlab.module import SFTModule
 
@@ -50,6 +59,8 @@ def evaluate(suite: EvalSuite | None, model: torch.nn.Module, tag: str) -> dict:
 def run(cfg: DictConfig) -> float:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
+    validate(cfg, HydraConfig.get().runtime.choices if HydraConfig.initialized() else None)
+    artifacts.check_writable(run_dir)
     console.print_config(cfg)
     artifacts.write_config(run_dir, cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -57,6 +68,7 @@ def run(cfg: DictConfig) -> float:
     log.info("Instantiating tokenizer, template and data <%s>", cfg.data._target_)
     source = model_source(cfg.model)
     check_available(source, cfg.model)
+    check_hardware(source, cfg.model)
     check_context_length(cfg.model, cfg.data.get("max_length"))
     tokenizer = load_tokenizer(cfg.model, source)
     token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))  # before data is tokenized
@@ -82,11 +94,13 @@ def run(cfg: DictConfig) -> float:
     trainer: pl.Trainer = instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision),
                                       logger=loggers, callbacks=callbacks)
     for lg in loggers:
-        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
+        lg.log_hyperparams({**artifacts.resolved_config(cfg),
                             "params": {"trainable": trainable, "total": total}, "data_counts": datamodule.counts()})
     sync_hint = None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.get("resume"), run_dir))
+        # weights_only: a checkpoint is data, never code to unpickle.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.get("resume"), run_dir),
+                    weights_only=True)
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         artifacts.restore_best(module, best_path)
         saved = artifacts.save_model(run_dir, module.model, tokenizer, template)
