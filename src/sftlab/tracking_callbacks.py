@@ -11,6 +11,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from sftlab.eval.generate import generate, split_prompt
@@ -34,6 +35,8 @@ class GenerationSamples(pl.Callback):
         dm = trainer.datamodule
         if wb is None or trainer.sanity_checking or self.num_samples <= 0 or "val" not in dm.splits:
             return
+        if trainer.world_size > 1 and type(trainer.strategy) is not DDPStrategy:
+            return  # FSDP / DeepSpeed shard the weights: rank 0 alone cannot run the model
         rows = sample_rows(pl_module.model, dm, self.num_samples, self.max_new_tokens, trainer.global_step)
         wb.log_table("val/samples", columns=SAMPLE_COLUMNS, data=rows, step=trainer.global_step)
 
