@@ -61,7 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
     ap.add_argument("--steps", type=int, default=8, help="measured optimizer steps per runner (default 8)")
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 steps, small data sets (smoke test)")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these runners (names as in the table)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="only these runs: names as in the table, data-prep, first-step",
+    )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
     ap.add_argument(
@@ -106,7 +111,7 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, dict]]
     runs.append(("iso/sftlab-qlora", "ours:run_sftlab", {"overrides": [*base, "adapter=qlora"]}))
     for name, _, spec in runs:
         spec.update(name=name, workdir=str(workdir), steps=steps)
-    return [r for r in runs if args.only is None or r[0] in args.only]
+    return [r for r in runs if wanted(args, r[0])]
 
 
 def _varied_file(args: argparse.Namespace, workdir: Path, max_words: int = 70) -> Path:
@@ -239,20 +244,34 @@ def main(argv: list[str] | None = None) -> dict:
     for name, target, spec in plan(args, workdir):
         t0 = time.time()
         records.append(Record.from_dict(call(target, spec)))
-        log.info("%-22s done in %.0f s", name, time.time() - t0)
+        result["runs"] = summarize(records, args.warmup, result["peak"])
+        _write(args.out, result)  # a long run interrupted still leaves what it measured
+        log.info(
+            "%-22s %6.0f tok/s  done in %.0f s", name, result["runs"][name]["tokens_per_s"], time.time() - t0
+        )
     result["peak"] = peaks(device, args.quick, before=result["peak"])
     result["runs"] = summarize(records, args.warmup, result["peak"])
-    if not args.gpu_7b and args.only is None:
+    if not args.gpu_7b and wanted(args, "data-prep"):
         result["data_prep"] = call(
             "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
         )
+        _write(args.out, result)
+    if not args.gpu_7b and wanted(args, "first-step"):
         result["first_step"] = first_step(args.override, workdir)
     result["targets"] = targets(result)
     result["total_s"] = round(time.time() - started, 1)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    _write(args.out, result)
     print(render(result))
     print(f"\nwritten {args.out} ({result['total_s']:.0f} s)")
     return result
+
+
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    return args.only is None or name in args.only
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
