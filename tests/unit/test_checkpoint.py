@@ -171,3 +171,35 @@ def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path
     # two moments per trainable weight, so it is about three times that, still an eighth of the base model.
     assert best < 0.05 * base_bytes, (best, base_bytes)
     assert last < 0.125 * base_bytes, (last, base_bytes)
+
+
+# ---- early stopping and the best checkpoint -------------------------------------------------------------
+def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_back(tmp_path, tiny_cfg,
+                                                                                    tiny_model_dir, tokenizer,
+                                                                                    chatml):
+    """min_delta larger than any change: the first validation is the last "improvement", so training stops
+    after `patience` more validations; `artifacts.restore_best` (train.py, after fit) loads the best one."""
+    from sftlab import artifacts
+
+    overrides = ["model=tiny_random", *_small_data(tmp_path), "callbacks.early_stopping.patience=2",
+                 "callbacks.early_stopping.min_delta=100"]
+    cfg = compose_cfg(overrides, output_dir=tmp_path)
+    dm = instantiate(cfg.data, _partial_=True, batch_size=2)(tokenizer=tokenizer, template=chatml)
+    dm.setup("fit")
+    module = SFTModule(LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)),
+                       optimizer=instantiate(cfg.optimizer, lr=0.05))
+    best_cb = instantiate(cfg.callbacks.model_checkpoint)
+    callbacks = [best_cb, instantiate(cfg.callbacks.last_checkpoint),
+                 instantiate(cfg.callbacks.early_stopping)]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=2, logger=False,
+                         callbacks=callbacks, enable_progress_bar=False, use_distributed_sampler=False,
+                         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 6  # 12 steps in the epoch; validations at 2 (best), 4, 6: stop
+    best = torch.load(best_cb.best_model_path, weights_only=True)
+    assert artifacts.restore_best(module, best_cb.best_model_path)
+    restored = module.trainable_state_dict()
+    assert restored.keys() == best["state_dict"].keys()
+    assert all(torch.equal(restored[k], best["state_dict"][k]) for k in restored)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6 and best["global_step"] in (2, 4, 6)
