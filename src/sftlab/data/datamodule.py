@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -486,6 +487,9 @@ class SFTDataModule(pl.LightningDataModule):
         resume = getattr(self, "_resume_state", None)
         if resume:  # set by load_state_dict when Lightning restores a checkpoint
             self.sampler.resume_from(resume["epoch"], resume["consumed"])
+            # Lightning warns that resuming mid-epoch with a loader it cannot restore is unreliable; this
+            # sampler skips exactly the micro-batches the checkpoint trained, so the warning does not apply.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         # Own generator: creating the loader iterator then draws nothing from the global torch RNG, so a
         # resumed run (which creates it mid-epoch) keeps the same dropout stream as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
