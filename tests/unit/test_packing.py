@@ -124,3 +124,15 @@ def test_datamodule_packs_with_step_targets(tokenizer, chatml, tmp_path):
     features = [_Examples(packed.splits["train"].examples)[(i, 77)] for i in range(2)]
     batch = collate(features, tokenizer.pad_token_id)
     assert int(batch["step_targets"]) == 77 and batch["position_ids"].shape == batch["input_ids"].shape
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths_per_batch():
+    from sftlab.data.packing import length_grouped_order
+
+    lengths = [(i * 37) % 101 + 1 for i in range(400)]
+    order = length_grouped_order(lengths, batch_size=8, seed=3, megabatch=10)
+    assert sorted(order) == list(range(400)) and order == length_grouped_order(lengths, 8, 3, 10)
+    assert order != length_grouped_order(lengths, 8, 4, 10)
+    spread = [max(lengths[k] for k in order[i : i + 8]) - min(lengths[k] for k in order[i : i + 8])
+              for i in range(0, 400, 8)]
+    assert sum(spread) / len(spread) < 10  # random batches of these lengths spread over ~80

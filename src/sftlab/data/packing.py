@@ -13,6 +13,7 @@ the same as unpacked; a test checks it on the tiny model.
 from __future__ import annotations
 
 import bisect
+import random
 from collections.abc import Sequence
 
 from sftlab.data.tokenize import Encoded
@@ -47,3 +48,16 @@ def _concat(parts: Sequence[Encoded]) -> Encoded:
         labels += ex.labels
         position_ids += range(len(ex.input_ids))
     return Encoded(input_ids, labels, "kept", position_ids)
+
+
+def length_grouped_order(
+    lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 50
+) -> list[int]:
+    """The alternative to packing: an example order whose consecutive `batch_size` runs have similar lengths,
+    so right-padding wastes little (as HF's LengthGroupedSampler). Shuffle with `seed`, cut into mega-batches
+    of `batch_size * megabatch`, sort each by length (longest first). For a sampler's per-epoch order."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    size = batch_size * megabatch
+    chunks = [sorted(order[i : i + size], key=lambda k: -lengths[k]) for i in range(0, len(order), size)]
+    return [k for chunk in chunks for k in chunk]
