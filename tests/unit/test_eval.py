@@ -152,3 +152,14 @@ def test_every_option_instantiates_and_runs_in_stage_order():
     assert list(evs) == ["loss", "generate", "judge", "error_analysis", "benchmarks", "mmlu"]
     assert evs["judge"].criteria.keys() == {"correctness", "helpfulness", "tone", "safety"}
     assert evs["mmlu"].tasks == ["mmlu"] and evs["benchmarks"].tasks == ["sftlab_mc"]
+
+
+def test_generations_without_generate_follow_the_judge_limit(tokenizer, chatml):
+    from sftlab.eval.analysis import ErrorAnalysis
+    from sftlab.eval.judge import JudgeEval
+
+    judge_only = EvalSuite({"judge": JudgeEval(max_examples=7)}, tokenizer, chatml, {}, "/tmp/x")
+    assert judge_only.generation.max_examples == 7 and judge_only.generation.split == "test"
+    evaluators = {"judge": JudgeEval(max_examples=7), "error_analysis": ErrorAnalysis()}
+    both = EvalSuite(evaluators, tokenizer, chatml, {}, "/tmp/x")
+    assert both.generation.max_examples is None

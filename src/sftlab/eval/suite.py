@@ -114,14 +114,12 @@ class EvalSuite:
 
     @staticmethod
     def _default_generation(evaluators: dict[str, Evaluator]) -> GenerationEval:
-        """Without `generate` chosen, judge/error_analysis still need generations: default settings, with
-        the split and max_examples of the first evaluator that sets them."""
-        kwargs = {}
-        for ev in evaluators.values():
-            for key in ("split", "max_examples"):
-                if key not in kwargs and getattr(ev, key, None) is not None:
-                    kwargs[key] = getattr(ev, key)
-        return GenerationEval(**kwargs)
+        """Without `generate` chosen, judge/error_analysis still need generations: default settings, limited
+        to the judge's `max_examples` when a judge is chosen (nothing else would read more)."""
+        only_judge = all(type(e).__name__ in ("JudgeEval", "LossEval", "BenchmarkEval")
+                         for e in evaluators.values())
+        limits = [e.max_examples for e in evaluators.values() if type(e).__name__ == "JudgeEval"]
+        return GenerationEval(max_examples=limits[0] if only_judge and limits else None)
 
     @property
     def compare_base(self) -> bool:
