@@ -64,6 +64,9 @@ def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[l
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    if getattr(backend, "encode_special_tokens", split_special) != split_special:  # as the wrapper does
+        backend.encode_special_tokens = split_special
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no character offsets
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
