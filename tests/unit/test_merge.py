@@ -92,3 +92,21 @@ def test_bad_arguments_exit_with_one_message(tmp_path, caplog):
     with pytest.raises(SystemExit):
         main([f"run={tmp_path}"])
     assert "no config.yaml" in caplog.text
+
+
+def test_load_run_reads_the_merged_directory_too(lora_merged):
+    run_dir, out = lora_merged
+    run, merged = load_run(run_dir), load_run(out)
+    assert merged.template == run.template
+    ids = encode_prompt(PROBE, run.template, run.tokenizer)
+    assert (logits(merged.model, ids) - logits(run.model, ids)).abs().max() < 1e-4
+
+
+def test_full_fine_tune_run_is_exported_unchanged(tmp_path):
+    run_dir, model, *_ = make_adapter_run(tmp_path / "full", ["adapter=none"])
+    assert (run_dir / "model" / "config.json").is_file()
+    main([f"run={run_dir}"])
+    report = json.loads((run_dir / "merged" / "merge_report.json").read_text())
+    assert report["logits_max_abs_diff"] == 0.0
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    assert all(torch.equal(p, exported.state_dict()[k]) for k, p in model.state_dict().items())
