@@ -83,3 +83,11 @@ def test_without_the_handling_a_segment_gets_a_stray_space(metaspace):
     # A segment that starts with its own space keeps exactly one.
     spaced = tokenize_texts([" four</s>"], metaspace, continuation=True)[" four</s>"]
     assert metaspace.convert_ids_to_tokens(spaced) == ["▁four", "</s>"]
+
+
+def test_plain_text_document_gets_the_tokenizers_own_bos_once(metaspace, mistral, tokenizer, chatml):
+    ex = encode_conversations(["the capital of France is Paris"], mistral, metaspace)[0]
+    assert ex.input_ids == metaspace("the capital of France is Paris")["input_ids"] + [metaspace.eos_token_id]
+    assert ex.labels[0] == IGNORE_INDEX and ex.labels[1:] == ex.input_ids[1:]
+    smol = encode_conversations(["plain text"], chatml, tokenizer)[0]  # SmolLM2 adds no BOS of its own
+    assert smol.input_ids == tokenizer("plain text")["input_ids"] + [tokenizer.eos_token_id]

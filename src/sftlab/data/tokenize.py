@@ -17,8 +17,8 @@ prefix there too) and every later segment is tokenized behind a "\n" whose token
 (torchtune's trick), so "[/INST]" + " Paris" yields the same pieces as inside the whole string. Byte-level BPE
 tokenizers (GPT-2, Llama 3, SmolLM2, Qwen) add nothing and are tokenized plainly.
 
-Plain-text documents (format `text`) are not templated: BOS (if the template has one) + text + EOS, all
-trained.
+Plain-text documents (format `text`) are not templated: BOS (where the tokenizer adds one itself, as in
+pre-training) + text + EOS, all trained.
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ def bos_id_for(template: Template, tokenizer: PreTrainedTokenizerBase) -> int | 
     return tokenizer.bos_token_id if template.uses_bos() else None
 
 
+def document_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """BOS for a plain-text document: the one the tokenizer adds by itself, if any."""
+    ids = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
 def render(conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase,
            train_on: str) -> list[Segment]:
     """Template segments of a conversation, or a trained document + EOS for plain text."""
@@ -162,9 +169,10 @@ def encode_conversations(
     rendered = [render(conv, template, tokenizer, train_on) for conv in conversations]
     vocab = Vocab.build(rendered, tokenizer)
     bos_id = bos_id_for(template, tokenizer)
+    doc_bos_id = document_bos_id(tokenizer) if any(isinstance(c, str) for c in conversations) else None
     out = []
-    for segs in rendered:
-        ids, labels = segments_to_ids(segs, vocab, bos_id)
+    for conv, segs in zip(conversations, rendered, strict=True):
+        ids, labels = segments_to_ids(segs, vocab, doc_bos_id if isinstance(conv, str) else bos_id)
         out.append(fit_length(ids, labels, max_length, truncation))
     return out
 
