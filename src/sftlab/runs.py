@@ -41,7 +41,7 @@ def _config(run: Path, run_dir: str | Path) -> DictConfig:
     for name in ("config.yaml", MERGED_CONFIG):
         if (run / name).is_file():
             return OmegaConf.load(run / name)
-    raise SFTLabError(f"run={run_dir!r}: no config.yaml there. Pass a run directory written by train.py "
+    raise SFTLabError(f"run={str(run_dir)!r}: no config.yaml there. Pass a run directory written by train.py "
                       "or a directory written by sftlab-merge.")
 
 
@@ -70,7 +70,7 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, quantized: bool 
         model = load_model(cfg.model, str(model_dir) if with_adapter else model_source(cfg.model))
         fit_embeddings(model, tokenizer)
     else:
-        raise SFTLabError(f"run={run_dir!r}: neither adapter/ nor model/ found; did the run finish?")
+        raise SFTLabError(f"run={str(run_dir)!r}: neither adapter/ nor model/ found; did the run finish?")
     model.eval()
     if hasattr(template, "bind"):  # resolves `{eos_token}` / `bos: auto` for this run's tokenizer
         template.bind(tokenizer)

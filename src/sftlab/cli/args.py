@@ -22,7 +22,8 @@ def parse(schema: type[T], argv: Sequence[str] | None = None, *, prog: str) -> T
     """Parse `key=value` arguments (Hydra override syntax for plain values) into an instance of `schema`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog} " + " ".join(f"{k}=<{v!r}>" for k, v in _defaults(schema).items()))
+        shown = {k: "required" if v == "???" else repr(v) for k, v in _defaults(schema).items()}
+        print(f"usage: {prog} " + " ".join(f"{k}=<{v}>" for k, v in shown.items()))
         print(schema.__doc__ or "")
         raise SystemExit(0)
     bad = [a for a in argv if "=" not in a]
