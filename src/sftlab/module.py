@@ -21,6 +21,7 @@ the last checkpoint to resume from; the check uses the rank-summed loss, so all 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -39,6 +40,8 @@ from torchmetrics import MeanMetric
 from sftlab.callbacks import find_resume_checkpoint
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -134,6 +137,20 @@ class SFTModule(pl.LightningModule):
         self._train_rng: dict[str, Any] | None = None  # RNG state at the end of the last training step
 
     # ---- training -------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._align_validation_to_steps()
+
+    def _align_validation_to_steps(self) -> None:
+        """Validation, and the checkpoint saved after it, inside an accumulation window would save a step half
+        accumulated (its gradients are not in the checkpoint), which no resume can continue exactly; move it
+        to the end of the window. Lightning counts `val_check_interval` in micro-batches."""
+        trainer, accumulate = self.trainer, self.trainer.accumulate_grad_batches
+        every = trainer.val_check_batch
+        if accumulate > 1 and isinstance(every, int) and every % accumulate:
+            trainer.val_check_batch = max(accumulate, every - every % accumulate)
+            log.info("Validating every %d micro-batches, not %d: a multiple of accumulate_grad_batches",
+                     trainer.val_check_batch, every)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._train_rng is not None:
             set_rng_states(self._train_rng)

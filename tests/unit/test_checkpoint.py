@@ -203,3 +203,29 @@ def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_ba
     assert all(torch.equal(restored[k], best["state_dict"][k]) for k in restored)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6 and best["global_step"] in (2, 4, 6)
+
+
+class ValidationSteps(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(tmp_path, tiny_cfg,
+                                                                                 tiny_model_dir, tokenizer,
+                                                                                 chatml):
+    """val_check_interval=3 micro-batches with accumulation 2 would validate and save after 1.5 steps."""
+    cfg = compose_cfg(["model=tiny_random", *_small_data(tmp_path, n_train=12, n_val=2)], output_dir=tmp_path)
+    dm = instantiate(cfg.data, _partial_=True, batch_size=1)(tokenizer=tokenizer, template=chatml)
+    dm.setup("fit")
+    module = SFTModule(LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir)),
+                       optimizer=instantiate(cfg.optimizer))
+    seen = ValidationSteps()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, val_check_interval=3,
+                         logger=False, enable_checkpointing=False, callbacks=[seen], num_sanity_val_steps=0,
+                         enable_progress_bar=False, use_distributed_sampler=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.val_check_batch == 2
+    assert seen.steps == [1, 2, 3, 4, 5, 6]  # after whole steps only (unaligned: 1 mid-window, 3, 4, 6)
