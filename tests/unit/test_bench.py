@@ -88,7 +88,9 @@ def test_targets_are_ratios_of_median_rates():
 
 
 def test_default_plan_runs_every_runner_a_target_names(tmp_path):
-    args = argparse.Namespace(override=[], warmup=3, steps=8, varied_rows=16, gpu_7b=False, only=None)
+    args = argparse.Namespace(
+        override=[], warmup=3, steps=8, varied_rows=16, gpu_7b=False, only=None, threads=None
+    )
     names = [name for name, _, _ in plan(args, tmp_path)]
     assert {n for _, a, b, _ in RATIO_TARGETS for n in (a, b)} <= set(names)
     assert "iso/sftlab-qlora" in names and len(names) == len(set(names))

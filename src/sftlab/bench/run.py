@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CUDA: Mistral-7B shapes, random init; LoRA + QLoRA, length 2048, checkpointing",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in every runner and the matmul peak (default: torch's choice, the cores)",
+    )
     ap.add_argument("--out", default="bench.json", help="where to write the figures (default bench.json)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -87,14 +93,22 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, dict]]
     """(name, "module:function", spec) of every trainer run, in the order they run."""
     steps = args.warmup + args.steps
     base = list(args.override)
-    if args.gpu_7b:
-        base = GPU_OVERRIDES + base
-        varied = _varied_file(args, workdir, max_words=900)
-        over = [*base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
-        return [
-            ("gpu/lora", "ours:run_sftlab", {"overrides": over}),
-            ("gpu/qlora", "ours:run_sftlab", {"overrides": [*over, "adapter=qlora"]}),
-        ]
+    runs = _gpu_runs(args, workdir, base) if args.gpu_7b else _cpu_runs(args, workdir, base)
+    for name, _, spec in runs:
+        spec.update(name=name, workdir=str(workdir), steps=steps, threads=args.threads)
+    return [r for r in runs if wanted(args, r[0])]
+
+
+def _gpu_runs(args: argparse.Namespace, workdir: Path, base: list[str]) -> list[tuple[str, str, dict]]:
+    varied = _varied_file(args, workdir, max_words=900)  # most examples reach the 2048-token max length
+    over = [*GPU_OVERRIDES, *base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
+    return [
+        ("gpu/lora", "ours:run_sftlab", {"overrides": over}),
+        ("gpu/qlora", "ours:run_sftlab", {"overrides": [*over, "adapter=qlora"]}),
+    ]
+
+
+def _cpu_runs(args: argparse.Namespace, workdir: Path, base: list[str]) -> list[tuple[str, str, dict]]:
     varied = _varied_file(args, workdir)
     vover = [*base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
     runs = []
@@ -109,9 +123,7 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, dict]]
         6, ("varied/sftlab-packed", "ours:run_sftlab", {"overrides": vover, "data": {"packing": True}})
     )
     runs.append(("iso/sftlab-qlora", "ours:run_sftlab", {"overrides": [*base, "adapter=qlora"]}))
-    for name, _, spec in runs:
-        spec.update(name=name, workdir=str(workdir), steps=steps)
-    return [r for r in runs if wanted(args, r[0])]
+    return runs
 
 
 def _varied_file(args: argparse.Namespace, workdir: Path, max_words: int = 70) -> Path:
@@ -130,6 +142,8 @@ def call(target: str, spec: dict) -> dict:
 def _invoke(module: str, function: str, spec: dict) -> dict:
     import importlib
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING)
     return getattr(importlib.import_module(f"sftlab.bench.{module}"), function)(spec)
 
@@ -200,9 +214,13 @@ def first_step(overrides: list[str], workdir: Path, timeout: float = 300) -> dic
             time.sleep(0.1)
         return {"seconds": float(marker.read_text()) - launched}
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the measurement is taken; the rest of the run is not needed
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # Lightning defers SIGTERM to the end of the step
+                proc.kill()
+                proc.wait()
 
 
 def peaks(device: torch.device, quick: bool, before: dict | None = None) -> dict:
@@ -221,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Idle OpenMP threads sleep instead of spinning: on a shared, oversubscribed CPU spinning threads burn the
+    # time slices the working ones need (inherited by the spawned runners; set before torch loads there).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
