@@ -157,3 +157,19 @@ def test_bad_settings_fail_before_any_work(tokenizer, chatml, tmp_path):
         make(tokenizer, chatml, path, on_error="ignore")
     with pytest.raises(ConfigError, match=r"packing=true needs data\.max_length"):
         make(tokenizer, chatml, path, packing=True, max_length=None)
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tokenizer, chatml, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "train.jsonl", [conv(i) for i in range(5)])
+    first = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
+    first.setup()
+    (first._cache_entry() / "train.npz").write_bytes(b"not an npz")
+    again = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="sftlab.data.cache"):
+        again.setup()
+    assert "unreadable" in caplog.text and again.splits["train"].examples == first.splits["train"].examples
+    caplog.clear()
+    third = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="sftlab.data"):
+        third.setup()
+    assert "data cache hit" in caplog.text  # the damaged entry was replaced

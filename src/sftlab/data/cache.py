@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from sftlab.data import formats, packing, templates, tokenize
 from sftlab.data.tokenize import Encoded
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def file_digest(path: str | Path) -> str:
@@ -101,11 +103,20 @@ def save(directory: Path, splits: Mapping[str, Any]) -> None:
 
 
 def load(directory: Path) -> dict[str, dict] | None:
-    """{split: {"examples", "rows", "counts"}} or None when there is no complete entry."""
-    meta_file = directory / "meta.json"
-    if not meta_file.is_file():
+    """{split: {"examples", "rows", "counts"}} or None when there is no complete, readable entry (a damaged
+    entry is reported and then simply rebuilt)."""
+    if not (directory / "meta.json").is_file():
         return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    try:
+        return _load(directory)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("data cache entry %s is unreadable (%s); processing the data again", directory, err)
+        shutil.rmtree(directory, ignore_errors=True)  # so the fresh entry can take its place
+        return None
+
+
+def _load(directory: Path) -> dict[str, dict]:
+    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     out = {}
     for name, info in meta.items():
         arrays = np.load(directory / f"{name}.npz")
