@@ -22,7 +22,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sftlab import locate
 from sftlab.errors import ConfigError, SFTLabError
@@ -74,7 +80,8 @@ def _build_random(random_init: dict, tokenizer_source: str, cache_dir: str) -> s
     spec = dict(random_init)
     model_type = spec.pop("model_type")
     seed = spec.pop("seed", 0)
-    target = Path(cache_dir) / "models" / f"random-{model_type}-{_digest(model_type, seed, spec, tokenizer_source)}"
+    digest = _digest(model_type, seed, spec, tokenizer_source)
+    target = Path(cache_dir) / "models" / f"random-{model_type}-{digest}"
     if (target / "config.json").exists():
         return str(target)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -116,7 +123,8 @@ def _hub_kwargs(cfg: Any) -> dict:
 
 def _missing_weights(source: str, err: Exception) -> SFTLabError:
     return SFTLabError(
-        f"model.name_or_path={source!r}: cannot load the model ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        f"model.name_or_path={source!r}: cannot load the model "
+        f"({type(err).__name__}: {str(err).splitlines()[0]}). "
         "It is neither a local directory nor in the Hugging Face cache, and the Hub could not be reached. "
         f"On a connected machine run `hf download {source}` (and `hf auth login` for gated models), "
         "or set model.name_or_path to a local directory holding config.json and *.safetensors."
@@ -152,13 +160,14 @@ def check_available(source: str, cfg: Any) -> None:
 
 
 def estimate_parameters(config: Any) -> int:
-    """Rough decoder-only parameter count from a config (attention with GQA + gated MLP per layer, embeddings)."""
+    """Rough decoder-only parameter count from a config (GQA attention + gated MLP per layer, embeddings)."""
     h = getattr(config, "hidden_size", 0) or 0
     layers = getattr(config, "num_hidden_layers", 0) or 0
     inter = getattr(config, "intermediate_size", None) or 4 * h
     vocab = getattr(config, "vocab_size", 0) or 0
     heads = getattr(config, "num_attention_heads", 1) or 1
-    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     return layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter) + 2 * vocab * h
 
 
@@ -193,7 +202,8 @@ def load_tokenizer(cfg: Any, source: str | None = None) -> PreTrainedTokenizerBa
     source = source or model_source(cfg)
     tok_source = source
     if cfg.get("tokenizer_name_or_path") and not cfg.get("random_init"):
-        tok_source = materialize(cfg.tokenizer_name_or_path, cache_dir=cfg.get("cache_dir") or default_cache_dir())
+        cache_dir = cfg.get("cache_dir") or default_cache_dir()
+        tok_source = materialize(cfg.tokenizer_name_or_path, cache_dir=cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_source, **_hub_kwargs(cfg))
     except (OSError, ValueError) as err:
