@@ -14,10 +14,13 @@ import os
 import subprocess
 import sys
 
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from sftlab import tracking
 from sftlab.cli import report
+from sftlab.train import CONF_DIR
 from tests.conftest import ROOT
 
 # Two optimizer steps, one validation on 2 batches, no generation-based evaluation: each job takes seconds.
@@ -54,6 +57,30 @@ def _overrides(job_dir) -> dict[str, str]:
 
 def _best_loss(job_dir) -> float:
     return json.loads((job_dir / "metrics.json").read_text())["val"]["best_loss"]
+
+
+def _hydra_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_launcher_and_search_configs_compose_onto_the_plugins():
+    slurm = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).launcher
+    assert slurm._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (slurm.gpus_per_node, slurm.partition, slurm.max_num_timeout) == (1, "gpu", 3)
+    joblib = _hydra_cfg(["hydra/launcher=local_parallel"]).launcher
+    assert joblib._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert joblib.n_jobs == 2
+    search = _hydra_cfg(["hparams_search=optuna"])
+    assert search.mode == RunMode.MULTIRUN
+    assert search.sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert search.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert set(search.sweeper.params) == {"optimizer.lr", "adapter.r", "trainer.max_epochs"}
+    grid = _hydra_cfg(["experiment=cpu_sweep"])
+    assert grid.mode == RunMode.MULTIRUN and dict(grid.sweeper.params) == {
+        "optimizer.lr": "1e-4,4e-4",
+        "adapter.r": "4,16",
+    }
 
 
 def test_grid_sweep_one_wandb_run_per_job_in_one_group_and_a_report(tmp_path, capsys):
