@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-
-from sftlab.train import CONF_DIR
-
-ROOT = Path(__file__).resolve().parents[1]
+# Before anything imports transformers / huggingface_hub, which read these once at import time.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from sftlab.train import CONF_DIR  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str | None = None) -> DictConfig:
