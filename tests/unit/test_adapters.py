@@ -32,14 +32,15 @@ def build(adapter: str, gradient_checkpointing: bool):
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     adapter_obj = instantiate(cfg.adapter, _convert_="all")
+    template = instantiate(cfg.template, _convert_="all")
+    batch = chat_batch(CONVERSATIONS, template, tokenizer)
     model = adapter_obj.apply(
         load_model(cfg.model, source, quantization_config=adapter_obj.quantization_config())
     )
     module = SFTModule(
         model, optimizer=partial(torch.optim.AdamW, lr=1e-2), gradient_checkpointing=gradient_checkpointing
     )
-    template = instantiate(cfg.template, _convert_="all")
-    return module, chat_batch(CONVERSATIONS, template, tokenizer)
+    return module, batch
 
 
 def backward(model, batch):
@@ -62,9 +63,18 @@ def test_trainable_weights_get_gradients_and_frozen_weights_stay_bit_identical(
     assert trainable and (adapter == "none") == (
         not any(n for n, p in model.named_parameters() if not p.requires_grad)
     )
+    # As in train.py (base-model evaluation, validation passes): an eval-mode no-grad forward before training.
+    # bitsandbytes 0.50 repacks 4-bit weights for a CPU inference kernel on it (and `state_dict()` above
+    # unpacks them again, so this must come after); training through packed weights loses gradients.
+    with torch.no_grad():
+        model.eval()(input_ids=batch["input_ids"])
+    model.train()
     opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    # Step 1 moves LoRA B off zero; until then LoRA A has a zero gradient by construction.
+    # Step 1 moves LoRA B off zero; until then LoRA A has a zero gradient by construction, and every B a
+    # non-zero one that reaches it only through the base layers above (not yet through other adapters).
     backward(model, batch)
+    no_grad = [n for n, p in trainable.items() if "lora_B" in n and not p.grad.abs().sum() > 0]
+    assert not no_grad, f"step 1: {len(no_grad)} LoRA B tensors without gradient, e.g. {no_grad[:3]}"
     opt.step()
     opt.zero_grad()
     backward(model, batch)

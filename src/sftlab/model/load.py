@@ -236,7 +236,24 @@ def load_model(cfg: Any, source: str | None = None, quantization_config: Any = N
     model.config.use_cache = False  # the KV cache only costs memory during training
     if quantization_config is not None:
         report_quantization(model)
+        keep_4bit_trainable(model)
     return model
+
+
+def keep_4bit_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns layers changed.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weights on its first eval-mode, no-grad forward on a CPU with
+    AVX512-BF16 (the base-model evaluation, every validation pass), and from then on uses a kernel that does
+    not back-propagate to the layer's input: LoRA weights in all but the last layers silently get no gradient
+    (tests/unit/test_adapters.py checks this). Costs some CPU inference speed; no effect on GPUs.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bnb.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def report_quantization(model: PreTrainedModel) -> tuple[int, int]:
