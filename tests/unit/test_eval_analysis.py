@@ -62,6 +62,8 @@ def test_error_analysis_counts_and_worst_examples(tmp_path):
     assert worst.index("example 2: repetitive, no_stop, mismatch, judge_unsupported") < worst.index(
         "example 1: refusal, mismatch")
     assert "example 0" not in worst and "**Judge:** {'correctness': 1.0} Loops." in worst
+    out = ErrorAnalysis(worst_k=10).run(ctx)  # only wrong answers are listed, however many are asked for
+    assert (tmp_path / "worst_tuned.md").read_text().count("## ") == 3
 
 
 def test_loss_eval_is_the_mean_token_loss_over_the_split(tiny_model, tokenizer, chatml):

@@ -89,7 +89,8 @@ class ErrorAnalysis:
         }
         if self.safe_prompts_path:
             out.update(self._safe_prompt_refusals(ctx, phrases))
-        worst = sorted(records, key=lambda r: -r["errors"]["badness"])[: self.worst_k]
+        wrong = [r for r in records if r["errors"]["badness"] > 0]  # a perfect answer is never "worst"
+        worst = sorted(wrong, key=lambda r: -r["errors"]["badness"])[: self.worst_k]
         path = write_worst(Path(ctx.out_dir) / f"worst_{ctx.tag}.md", worst, ctx.tag)
         log.info("Error analysis (%s): %s; the %d worst examples are in %s", ctx.tag,
                  ", ".join(f"{k}={v:.3f}" for k, v in out.items() if isinstance(v, float)), len(worst), path)
@@ -119,7 +120,7 @@ def write_worst(path: Path, worst: list[dict], tag: str) -> Path:
     lines = [f"# Worst {len(worst)} examples of the {tag} model", ""]
     for rank, rec in enumerate(worst, start=1):
         flags = [k for k, v in rec["errors"].items() if v is True]
-        lines += [f"## {rank}. example {rec['index']}: {', '.join(flags) or 'low overlap'} "
+        lines += [f"## {rank}. example {rec['index']}: {', '.join(flags) or 'not an exact match'} "
                   f"(badness {rec['errors']['badness']})", "",
                   f"**Prompt:** {rec['prompt']}", "", f"**Reference:** {rec['reference']}", "",
                   f"**Output:** {rec['output']}", ""]

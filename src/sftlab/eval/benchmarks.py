@@ -51,7 +51,7 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out = {}
     for task, metrics in results.items():
         for key, value in metrics.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "sample_len":
                 out[f"{task}/{key.split(',')[0]}"] = float(value)
     return out
 
