@@ -99,6 +99,7 @@ def make_adapter_run(run_dir: Path, overrides: list[str], scale: float = 0.1):
     adapter = instantiate(cfg.adapter, _convert_="all")
     model = load_model(cfg.model, source, quantization_config=adapter.quantization_config())
     fit_embeddings(model, tokenizer)
+    torch.manual_seed(0)  # LoRA A's init draws from the global RNG: the same run whatever ran before
     model = adapter.apply(model, new_token_ids=token_ids)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

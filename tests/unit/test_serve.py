@@ -100,7 +100,7 @@ def test_generation_stops_at_the_templates_end_of_turn_token(run_dir, tmp_path):
     k, marker = next(
         (k, tok.decode([t]))
         for k, t in enumerate(out)
-        if k >= 2 and t not in out[:k] and tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]
+        if k >= 1 and t not in out[:k] and tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]
     )
     shutil.copytree(run_dir, tmp_path / "run")
     cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
