@@ -68,7 +68,12 @@ def save_model(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedToken
     `apply_chat_template(..., add_generation_prompt=True)` renders exactly the training prompt.
     """
     out = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
-    model.save_pretrained(out)
+    if isinstance(model, PeftModel):
+        # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows inside
+        # the adapter and re-created deterministically on load (sftlab.model.tokens), so the adapter stays small.
+        model.save_pretrained(out, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out)
     tokenizer.chat_template = template.to_jinja()
     tokenizer.save_pretrained(out)
     return out

@@ -84,6 +84,8 @@ def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
     for name, node in cfg_eval.items():
         if isinstance(node, DictConfig):
             evaluators[name] = instantiate(node, _convert_="all")
+    if not evaluators:  # eval=none: shared values (e.g. an experiment's eval.max_examples) have nothing to set
+        return {}
     used = set()
     for name, ev in evaluators.items():
         fields = {f.name for f in dataclasses.fields(ev)}
