@@ -20,8 +20,9 @@ from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
 from sftlab.redact import redact
 
-
-MIN_FREE_BYTES = 1 << 30  # adapters, checkpoints and logs of a LoRA run fit in far less; a full disk fails late
+MIN_FREE_BYTES = (
+    1 << 30
+)  # adapters, checkpoints and logs of a LoRA run fit in far less; a full disk fails late
 
 
 def check_writable(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
@@ -39,8 +40,9 @@ def check_writable(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
     free = shutil.disk_usage(run_dir).free
     if free < min_free:
         raise SFTLabError(
-            f"paths.output_dir={str(run_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; a run needs at least "
-            f"{min_free / 2**20:.0f} MiB for checkpoints and the adapter. Free space or set hydra.run.dir elsewhere."
+            f"paths.output_dir={str(run_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; a run needs "
+            f"at least {min_free / 2**20:.0f} MiB for checkpoints and the adapter. Free space or set "
+            "hydra.run.dir elsewhere."
         )
 
 
@@ -60,8 +62,9 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)), encoding="utf-8")
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-               template: ChatTemplate) -> Path:
+def save_model(
+    run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+) -> Path:
     """adapter/ for adapter runs (PeftModel.from_pretrained-loadable), model/ for full fine-tuning.
 
     The tokenizer is saved beside it with the training template as its chat template, so
@@ -69,8 +72,8 @@ def save_model(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedToken
     """
     out = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
     if isinstance(model, PeftModel):
-        # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows inside
-        # the adapter and re-created deterministically on load (sftlab.model.tokens), so the adapter stays small.
+        # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
+        # inside the adapter and re-created deterministically on load (sftlab.model.tokens): a small adapter.
         model.save_pretrained(out, save_embedding_layers=False)
     else:
         model.save_pretrained(out)
@@ -89,3 +92,24 @@ def restore_best(module: torch.nn.Module, best_path: str | None) -> bool:
         raise RuntimeError(f"checkpoint {best_path} has weights this model lacks: {sorted(missing)[:3]} ...")
     module.load_state_dict(state, strict=False)
     return True
+
+
+def _logged(trainer: Any, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
+
+
+def final_metrics(trainer: Any, **extra: Any) -> dict:
+    """metrics.json: final and best losses from the trainer, plus what the caller adds (eval, data counts)."""
+    cb = trainer.checkpoint_callback
+    best = float(cb.best_model_score) if cb is not None and cb.best_model_score is not None else None
+    return {
+        "train": {"loss": _logged(trainer, "train/loss")},
+        "val": {
+            "loss": _logged(trainer, "val/loss"),
+            "best_loss": best if best is not None else _logged(trainer, "val/loss"),
+        },
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        **extra,
+    }

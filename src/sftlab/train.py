@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sftlab import artifacts, console, tracking
-from sftlab.config import validate
 from sftlab.callbacks import resolve_resume
+from sftlab.config import validate
 from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.adapters import trainable_parameters
@@ -56,26 +56,42 @@ def evaluate(suite: EvalSuite | None, model: torch.nn.Module, tag: str) -> dict:
     return suite.run(model, tag)
 
 
-def run(cfg: DictConfig) -> float:
-    started = time.time()
-    run_dir = Path(cfg.paths.output_dir)
+def preflight(cfg: DictConfig, run_dir: Path) -> str:
+    """What can fail in seconds fails here, before a model or dataset loads. Returns the model dir."""
     validate(cfg, HydraConfig.get().runtime.choices if HydraConfig.initialized() else None)
     artifacts.check_writable(run_dir)
-    console.print_config(cfg)
-    artifacts.write_config(run_dir, cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-
-    log.info("Instantiating tokenizer, template and data <%s>", cfg.data._target_)
     source = model_source(cfg.model)
     check_available(source, cfg.model)
     check_hardware(source, cfg.model)
     check_context_length(cfg.model, cfg.data.get("max_length"))
+    return source
+
+
+def build_data(cfg: DictConfig, source: str):
+    log.info("Instantiating tokenizer, template and data <%s>", cfg.data._target_)
     tokenizer = load_tokenizer(cfg.model, source)
-    token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))  # before data is tokenized
+    new_token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))  # before data is tokenized
     template = instantiate(cfg.template, _convert_="all")
     # Partial, then call: Hydra would turn a dataclass passed as a kwarg into a config node.
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, template=template)
     datamodule.setup("fit")
+    return tokenizer, template, datamodule, new_token_ids
+
+
+def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return instantiate(
+        cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=loggers, callbacks=callbacks
+    )
+
+
+def run(cfg: DictConfig) -> float:
+    started, run_dir = time.time(), Path(cfg.paths.output_dir)
+    source = preflight(cfg, run_dir)
+    console.print_config(cfg)
+    artifacts.write_config(run_dir, cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer, template, datamodule, new_token_ids = build_data(cfg, source)
 
     log.info("Instantiating model <%s> with adapter <%s>", source, cfg.adapter._target_)
     adapter = instantiate(cfg.adapter, _convert_="all")
@@ -83,38 +99,47 @@ def run(cfg: DictConfig) -> float:
     fit_embeddings(model, tokenizer)
     suite = build_suite(cfg.get("eval"), tokenizer, template, datamodule.splits, run_dir / "eval")
     evals = evaluate(suite, model, "base") if suite is not None and suite.compare_base else {}
-    model = adapter.apply(model, new_token_ids=token_ids)
+    model = adapter.apply(model, new_token_ids=new_token_ids)
     trainable, total = trainable_parameters(model)
+    params = {"trainable": trainable, "total": total}
     log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    module = SFTModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
-    module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
-                       gradient_checkpointing=cfg.gradient_checkpointing)
     loggers = tracking.make_loggers(cfg.get("logger"))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision),
-                                      logger=loggers, callbacks=callbacks)
+    trainer = build_trainer(cfg, loggers)
     for lg in loggers:
-        lg.log_hyperparams({**artifacts.resolved_config(cfg),
-                            "params": {"trainable": trainable, "total": total}, "data_counts": datamodule.counts()})
-    sync_hint = None
+        lg.log_hyperparams(
+            {
+                **artifacts.resolved_config(cfg),
+                "params": params,
+                "data_counts": datamodule.counts(),
+            }
+        )
     try:
         # weights_only: a checkpoint is data, never code to unpickle.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.get("resume"), run_dir),
-                    weights_only=True)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=resolve_resume(cfg.get("resume"), run_dir),
+            weights_only=True,
+        )
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         artifacts.restore_best(module, best_path)
-        saved = artifacts.save_model(run_dir, module.model, tokenizer, template)
-        log.info("Saved %s", saved)
+        log.info("Saved %s", artifacts.save_model(run_dir, module.model, tokenizer, template))
         evals = evaluate(suite, module.model, "tuned") or evals
-        metrics = {
-            "train": {"loss": _metric(trainer, "train/loss")},
-            "val": {"loss": _metric(trainer, "val/loss"), "best_loss": _best(trainer)},
-            "eval": evals,
-            "data": datamodule.counts(),
-            "params": {"trainable": trainable, "total": total},
-            "steps": trainer.global_step, "epochs": trainer.current_epoch,
-            "best_checkpoint": best_path, "runtime_s": round(time.time() - started, 1),
-        }
+        metrics = artifacts.final_metrics(
+            trainer,
+            eval=evals,
+            data=datamodule.counts(),
+            params=params,
+            best_checkpoint=best_path,
+            runtime_s=round(time.time() - started, 1),
+        )
         artifacts.write_json(run_dir / "metrics.json", metrics)
         tracking.log_summary(loggers, {"eval": evals, "val/best_loss": metrics["val"]["best_loss"]})
         if suite is not None and tracking.wandb_of(loggers) is not None:
@@ -127,18 +152,6 @@ def run(cfg: DictConfig) -> float:
         log.info("W&B ran offline. Upload with: %s", sync_hint)
     log.info("Run directory: %s", run_dir)
     return metrics["val"]["best_loss"]
-
-
-def _metric(trainer: pl.Trainer, key: str) -> float | None:
-    value = trainer.callback_metrics.get(key)
-    return None if value is None else float(value)
-
-
-def _best(trainer: pl.Trainer) -> float | None:
-    cb = trainer.checkpoint_callback
-    if cb is not None and cb.best_model_score is not None:
-        return float(cb.best_model_score)
-    return _metric(trainer, "val/loss")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
