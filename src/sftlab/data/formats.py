@@ -121,7 +121,7 @@ def from_sharegpt(r: _Row) -> list[dict]:
         if not isinstance(t, dict):
             raise BadRow(r.where, "wrong_type", f"turn {j} must be an object with 'from' and 'value'.")
         speaker = t.get(r.name("from"))
-        if speaker not in SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:  # a list or dict is unhashable
             raise BadRow(r.where, "unknown_role" if isinstance(speaker, str) else "missing_field",
                          f"turn {j} has 'from' {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}.")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get(r.name("value"))})
