@@ -46,12 +46,18 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _publish(build_dir: Path, target: Path) -> None:
-    """Move a finished build into place atomically, so a killed conversion never leaves a half directory."""
+def _publish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> str:
+    """Save into a temp directory beside `target`, then rename it into place atomically: a killed conversion
+    never leaves a half directory, and of two racing processes the second keeps the first's result."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
     try:
-        os.replace(build_dir, target)
+        os.replace(build, target)
     except OSError:  # another process won the race: keep theirs
-        shutil.rmtree(build_dir, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
+    return str(target)
 
 
 def _convert_gguf(gguf_path: str, cache_dir: str) -> str:
@@ -67,12 +73,7 @@ def _convert_gguf(gguf_path: str, cache_dir: str) -> str:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    _publish(build, target)
-    return str(target)
+    return _publish(model, tokenizer, target)
 
 
 def _build_random(random_init: dict, tokenizer_source: str, cache_dir: str) -> str:
@@ -90,12 +91,7 @@ def _build_random(random_init: dict, tokenizer_source: str, cache_dir: str) -> s
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    _publish(build, target)
-    return str(target)
+    return _publish(model, tokenizer, target)
 
 
 def materialize(name_or_path: str, *, cache_dir: str, key: str = "model.name_or_path") -> str:
