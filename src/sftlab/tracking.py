@@ -95,6 +95,53 @@ def _with_identity(wandb_cfg: DictConfig) -> DictConfig:
     return out
 
 
+class SafeWandbLogger(WandbLogger):
+    """WandbLogger whose logging can fail without failing training (issue: logging never breaks a run).
+
+    A W&B error while logging (the wandb service died, the run was closed, a full disk under wandb/) is
+    reported once per kind of call and training goes on; the CSV logger beside it keeps every metric.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed: set[str] = set()  # the kinds of call that have failed (each reported once)
+
+    def guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # any W&B failure must stay a logging failure
+            if what not in self.failed:
+                log.error("W&B error in %s, training continues (CSV metrics are complete): %s: %s",
+                          what, type(err).__name__, err)
+            self.failed.add(what)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.guard("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params: Any) -> None:
+        self.guard("log_hyperparams", super().log_hyperparams, params)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self.guard("log_table", super().log_table, *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+
+def _guarded(wb: WandbLogger, what: str, fn: Any) -> None:
+    """Run a W&B call through SafeWandbLogger's guard (a plain WandbLogger, if configured, may raise)."""
+    if isinstance(wb, SafeWandbLogger):
+        wb.guard(what, fn)
+    else:
+        fn()
+
+
+def log_eval_tables(loggers: list[Logger], suite: Any) -> None:
+    wb = wandb_of(loggers)
+    if wb is not None and suite is not None:
+        _guarded(wb, "eval tables", lambda: suite.log_to_wandb(wb.experiment))
+
+
 def wandb_of(loggers: list[Logger]) -> WandbLogger | None:
     return next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
 
@@ -102,7 +149,7 @@ def wandb_of(loggers: list[Logger]) -> WandbLogger | None:
 def log_summary(loggers: list[Logger], summary: dict[str, Any]) -> None:
     wb = wandb_of(loggers)
     if wb is not None:
-        wb.experiment.summary.update(summary)
+        _guarded(wb, "summary", lambda: wb.experiment.summary.update(summary))
 
 
 def finish(loggers: list[Logger]) -> str | None:

@@ -142,8 +142,7 @@ def run(cfg: DictConfig) -> float:
         )
         artifacts.write_json(run_dir / "metrics.json", metrics)
         tracking.log_summary(loggers, {"eval": evals, "val/best_loss": metrics["val"]["best_loss"]})
-        if suite is not None and tracking.wandb_of(loggers) is not None:
-            suite.log_to_wandb(tracking.wandb_of(loggers).experiment)
+        tracking.log_eval_tables(loggers, suite)
     finally:
         sync_hint = tracking.finish(loggers)
     if evals:

@@ -6,12 +6,19 @@ wrote, including a record longer than one 32 KiB block of the log.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from sftlab import tracking
+from tests.conftest import ROOT
 
 
 def _logger(tmp_path, **kwargs) -> WandbLogger:
@@ -134,3 +141,32 @@ def test_secrets_in_overrides_are_masked_before_they_become_wandb_name_and_tags(
 def test_outside_hydra_there_is_no_job_identity():
     assert not tracking.in_sweep()
     assert tracking.job_identity(["dev"]) == {}
+
+
+class CloseWandbAt(pl.Callback):
+    """Closes the W&B run mid-training, as a crashed wandb service would: every later log call fails."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            import wandb
+
+            wandb.finish()
+
+
+def test_a_wandb_error_during_training_is_logged_and_training_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=smoke", "logger=wandb", "trainer.max_steps=6",
+         "+callbacks.close_wandb._target_=tests.unit.test_tracking.CloseWandbAt", "+callbacks.close_wandb.step=2",
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B error in log_metrics, training continues" in proc.stdout + proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6  # trained to the end
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert max(int(r["step"]) for r in rows if r.get("train/loss")) >= 5  # CSV kept logging after the W&B error
