@@ -76,3 +76,9 @@ def test_unwritable_or_full_output_directory_is_reported_before_training(tmp_pat
     with pytest.raises(SFTLabError, match="MiB free on its disk"):
         check_writable(tmp_path / "run", min_free=1 << 62)
     check_writable(tmp_path / "run")  # an ordinary directory passes
+
+
+def test_serve_binds_to_loopback_unless_told_otherwise():
+    from sftlab.cli.serve import ServeArgs
+
+    assert ServeArgs().host == "127.0.0.1"
