@@ -10,13 +10,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
-from sftlab.train import CONF_DIR  # noqa: E402
+from sftlab.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,10 @@ def chat_batch(conversations, template, tokenizer):
 
     enc = encode_conversations(conversations, template, tokenizer)
     targets = sum(sum(label != -100 for label in e.labels[1:]) for e in enc)
-    feats = [{"input_ids": e.input_ids, "labels": e.labels, "step_targets": targets, "index": i}
-             for i, e in enumerate(enc)]
+    feats = [
+        {"input_ids": e.input_ids, "labels": e.labels, "step_targets": targets, "index": i}
+        for i, e in enumerate(enc)
+    ]
     return collate(feats, tokenizer.pad_token_id)
 
 

@@ -48,10 +48,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_batch_size": (_ge1, "an integer >= 1"),
     "data.max_length": (lambda v: v is None or _ge1(v), "an integer >= 1 (or null for no limit)"),
     "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "trainer.max_epochs": (lambda v: v is None or _ge1(v) or v == -1, "an integer >= 1 (-1: until max_steps)"),
+    "trainer.max_epochs": (
+        lambda v: v is None or _ge1(v) or v == -1,
+        "an integer >= 1 (-1: until max_steps)",
+    ),
     "trainer.max_steps": (lambda v: _ge1(v) or v == -1, "an integer >= 1, or -1 for no limit"),
     "trainer.accumulate_grad_batches": (_ge1, "an integer >= 1"),
-    "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, int | float) and v >= 0), "a number >= 0"),
+    "trainer.gradient_clip_val": (
+        lambda v: v is None or (isinstance(v, int | float) and v >= 0),
+        "a number >= 0",
+    ),
     "scheduler.warmup": (lambda v: isinstance(v, int | float) and v >= 0, "a number >= 0 (< 1: a fraction)"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
 }
@@ -73,7 +79,11 @@ def _where(key: str, choices: dict[str, str]) -> str:
 
 def _simple_type(annotation: Any) -> tuple[type, ...] | None:
     """The accepted runtime types when an annotation is simple (int, float, bool, str, optionally None)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
     members = args or (annotation,)
     simple = {int: (int,), float: (int, float), bool: (bool,), str: (str,), type(None): (type(None),)}
     if not all(m in simple for m in members):
@@ -114,8 +124,10 @@ def _check_target_node(path: str, node: DictConfig, choices: dict[str, str], pro
         if accepted and value is not None and not isinstance(value, DictConfig | ListConfig):
             bad_bool = isinstance(value, bool) and bool not in accepted
             if bad_bool or not isinstance(value, accepted):
-                problems.append(f"{full}={value!r} ({_where(full, choices)}): must be of type "
-                                f"{' or '.join(t.__name__ for t in accepted)}, got {type(value).__name__}.")
+                problems.append(
+                    f"{full}={value!r} ({_where(full, choices)}): must be of type "
+                    f"{' or '.join(t.__name__ for t in accepted)}, got {type(value).__name__}."
+                )
 
 
 def _walk(path: str, node: Any, choices: dict[str, str], problems: list[str]) -> None:
@@ -141,21 +153,30 @@ def _check_model(cfg: DictConfig, choices: dict[str, str], problems: list[str]) 
     allowed = _yaml_keys(CONF_DIR / "model") | {"allow_cpu"}
     for key in cfg.get("model") or {}:
         if key not in allowed:
-            problems.append(f"model.{key}: unknown key ({_where('model', choices)}); allowed: {', '.join(sorted(allowed))}.")
+            problems.append(
+                f"model.{key}: unknown key ({_where('model', choices)}); "
+                f"allowed: {', '.join(sorted(allowed))}."
+            )
 
 
 def _check_top_level(cfg: DictConfig, problems: list[str]) -> None:
     allowed = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | _yaml_keys(CONF_DIR) | TOP_LEVEL_EXTRA
     for key in cfg:
         if key not in allowed:
-            problems.append(f"{key}: unknown top-level key (a `+{key}=...` typo?); allowed: {', '.join(sorted(allowed))}.")
+            problems.append(
+                f"{key}: unknown top-level key (a `+{key}=...` typo?); allowed: {', '.join(sorted(allowed))}."
+            )
 
 
 def _check_rules(cfg: DictConfig, choices: dict[str, str], problems: list[str]) -> None:
     reported = {p.split("=")[0].split(":")[0] for p in problems}
     for key, (ok, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
-        if key not in reported and value != "__absent__" and not (ok(value) and not (isinstance(value, float) and math.isnan(value))):
+        if (
+            key not in reported
+            and value != "__absent__"
+            and not (ok(value) and not (isinstance(value, float) and math.isnan(value)))
+        ):
             problems.append(f"{key}={value!r} ({_where(key, choices)}): must be {allowed}.")
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")

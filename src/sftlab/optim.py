@@ -16,7 +16,7 @@ KINDS = ("cosine", "linear", "constant")
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
-    return int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+    return round(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
 def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_lr_ratio: float) -> float:
@@ -31,10 +31,16 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_lr_ratio: fl
 
 
 def warmup_schedule(
-    optimizer: Optimizer, total_steps: int, kind: str = "cosine", warmup: float = 0.05, min_lr_ratio: float = 0.0
+    optimizer: Optimizer,
+    total_steps: int,
+    kind: str = "cosine",
+    warmup: float = 0.05,
+    min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
     n_warmup = warmup_steps(warmup, total_steps)
     return LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, kind=kind, warmup=n_warmup, total=total_steps, min_lr_ratio=min_lr_ratio),
+        lambda step: lr_factor(
+            step, kind=kind, warmup=n_warmup, total=total_steps, min_lr_ratio=min_lr_ratio
+        ),
     )

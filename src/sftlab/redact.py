@@ -1,9 +1,9 @@
 """Keep secrets out of everything a run writes: config.yaml, metrics.json, the W&B config.
 
 Two nets: a key whose name says it holds a credential (`api_key`, `hf_token`, `password`, ...) has its value
-replaced, and any string containing the value of a credential-looking environment variable (WANDB_API_KEY,
-HF_TOKEN, OPENAI_API_KEY, any *_KEY / *_TOKEN / *_SECRET / *_PASSWORD) is masked wherever it appears, e.g. when a
-user interpolates `${oc.env:OPENAI_API_KEY}` into a config value.
+replaced, and any string containing the value of a credential-looking environment variable
+(WANDB_API_KEY, HF_TOKEN, OPENAI_API_KEY, any *_KEY / *_TOKEN / *_SECRET / *_PASSWORD) is masked wherever it
+appears, e.g. when a user interpolates `${oc.env:OPENAI_API_KEY}` into a config value.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ import re
 from typing import Any
 
 MASK = "***"
-SECRET_KEY = re.compile(r"(^|_)(api_key|apikey|access_token|auth_token|hf_token|secret|password)$", re.IGNORECASE)
+SECRET_KEY = re.compile(
+    r"(^|_)(api_key|apikey|access_token|auth_token|hf_token|secret|password)$", re.IGNORECASE
+)
 SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would mask harmless text
 
 
 def secret_values() -> list[str]:
     return sorted(
-        {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN}, key=len, reverse=True
+        {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN},
+        key=len,
+        reverse=True,
     )
 
 

@@ -11,7 +11,9 @@ import pytest
 from sftlab.train import CONF_DIR
 from tests.conftest import ROOT, compose_cfg
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+GROUPS = sorted(
+    p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("hydra", "experiment")
+)
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
 
 
@@ -37,6 +39,10 @@ def test_model_chooses_its_template_unless_overridden():
 def test_cfg_job_prints_without_loading_anything():
     out = subprocess.run(
         [sys.executable, "train.py", "model=mistral7b", "adapter=qlora", "--cfg", "job"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert "mistralai/Mistral-7B-v0.3" in out and "sftlab.model.adapters.QLoRA" in out

@@ -68,8 +68,18 @@ def test_train_py_rejects_before_loading_anything(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "SFTLAB_CACHE": str(cache)}
     proc = subprocess.run(
-        [sys.executable, "train.py", "optimizer.lr=-1", "+adapter.rank=3", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "train.py",
+            "optimizer.lr=-1",
+            "+adapter.rank=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 1
     assert "optimizer.lr=-1" in proc.stderr + proc.stdout and "adapter.rank" in proc.stderr + proc.stdout

@@ -39,8 +39,9 @@ def test_five_random_kills_one_inside_a_checkpoint_write_resume_to_the_same_adap
     assert {r["step"] for r in trained} == set(range(12))  # every step trained, none skipped
     by_step = {r["step"]: r for r in _records(ref_dir)}
     for r in trained:  # every (re)trained step saw the reference's examples, loss and learning rate
-        assert {k: v for k, v in r.items() if k != "pid"} == {k: v for k, v in by_step[r["step"]].items()
-                                                               if k != "pid"}
+        assert {k: v for k, v in r.items() if k != "pid"} == {
+            k: v for k, v in by_step[r["step"]].items() if k != "pid"
+        }
     assert len({r["pid"] for r in trained}) == len(plan)
 
     ref_adapter = load_file(ref_dir / "adapter" / "adapter_model.safetensors")

@@ -27,11 +27,21 @@ def _sha(path: Path) -> str:
 
 def test_redact_masks_credential_keys_and_secret_values(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRETS["OPENAI_API_KEY"])
-    data = {"judge": {"api_key": "abc", "api_key_env": "OPENAI_API_KEY", "note": f"x{SECRETS['OPENAI_API_KEY']}y"},
-            "special": {"pad_token": "<pad>"}, "n": 3, "list": [SECRETS["OPENAI_API_KEY"]]}
+    data = {
+        "judge": {
+            "api_key": "abc",
+            "api_key_env": "OPENAI_API_KEY",
+            "note": f"x{SECRETS['OPENAI_API_KEY']}y",
+        },
+        "special": {"pad_token": "<pad>"},
+        "n": 3,
+        "list": [SECRETS["OPENAI_API_KEY"]],
+    }
     assert redact(data) == {
         "judge": {"api_key": MASK, "api_key_env": "OPENAI_API_KEY", "note": f"x{MASK}y"},
-        "special": {"pad_token": "<pad>"}, "n": 3, "list": [MASK],
+        "special": {"pad_token": "<pad>"},
+        "n": 3,
+        "list": [MASK],
     }
 
 
@@ -42,9 +52,19 @@ def test_no_secret_anywhere_in_the_run_directory(tmp_path):
     # The user interpolates a secret into a config value: config.yaml must still not hold it.
     env = {**os.environ, **SECRETS, "WANDB_MODE": "offline"}
     proc = subprocess.run(
-        [sys.executable, "train.py", "experiment=smoke", "logger=wandb", "task_name=${oc.env:OPENAI_API_KEY}",
-         f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "train.py",
+            "experiment=smoke",
+            "logger=wandb",
+            "task_name=${oc.env:OPENAI_API_KEY}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in run_dir.rglob("*") if p.is_file()]

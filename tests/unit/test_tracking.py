@@ -159,14 +159,27 @@ class CloseWandbAt(pl.Callback):
 def test_a_wandb_error_during_training_is_logged_and_training_continues(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "experiment=smoke", "logger=wandb", "trainer.max_steps=6",
-         "+callbacks.close_wandb._target_=tests.unit.test_tracking.CloseWandbAt", "+callbacks.close_wandb.step=2",
-         f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"},
+        [
+            sys.executable,
+            "train.py",
+            "experiment=smoke",
+            "logger=wandb",
+            "trainer.max_steps=6",
+            "+callbacks.close_wandb._target_=tests.unit.test_tracking.CloseWandbAt",
+            "+callbacks.close_wandb.step=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B error in log_metrics, training continues" in proc.stdout + proc.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 6  # trained to the end
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
-    assert max(int(r["step"]) for r in rows if r.get("train/loss")) >= 5  # CSV kept logging after the W&B error
+    assert (
+        max(int(r["step"]) for r in rows if r.get("train/loss")) >= 5
+    )  # CSV kept logging after the W&B error

@@ -62,8 +62,10 @@ class EvalContext:
 
     def split(self, name: str) -> Any:
         if name not in self.splits:
-            raise ConfigError(f"eval: split {name!r} is not loaded (have {sorted(self.splits)}); set "
-                              f"data.{name}_path or choose another eval.<option>.split.")
+            raise ConfigError(
+                f"eval: split {name!r} is not loaded (have {sorted(self.splits)}); set "
+                f"data.{name}_path or choose another eval.<option>.split."
+            )
         return self.splits[name]
 
     def records(self) -> list[dict]:
@@ -71,7 +73,8 @@ class EvalContext:
         if self._records is None:
             log.info("Generating on the %s split with the %s model", self.generation.split, self.tag)
             self._records = self.generation.generate_records(
-                self.model, self.tokenizer, self.template, self.split(self.generation.split).rows)
+                self.model, self.tokenizer, self.template, self.split(self.generation.split).rows
+            )
         return self._records
 
 
@@ -84,20 +87,27 @@ def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
     for name, node in cfg_eval.items():
         if isinstance(node, DictConfig):
             evaluators[name] = instantiate(node, _convert_="all")
-    if not evaluators:  # eval=none: shared values (e.g. an experiment's eval.max_examples) have nothing to set
+    if (
+        not evaluators
+    ):  # eval=none: shared values (e.g. an experiment's eval.max_examples) have nothing to set
         return {}
     used = set()
     for name, ev in evaluators.items():
         fields = {f.name for f in dataclasses.fields(ev)}
-        overrides = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v
-                     for k, v in shared.items() if k in fields}
+        overrides = {
+            k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v
+            for k, v in shared.items()
+            if k in fields
+        }
         used |= set(overrides)
         evaluators[name] = dataclasses.replace(ev, **overrides)
     unused = sorted(set(shared) - used)
     if unused:
         chosen = ", ".join(evaluators) or "none"
-        raise ConfigError(f"eval.{unused[0]}: no chosen evaluator ({chosen}) has this setting. "
-                          f"Set it per option, e.g. eval.<option>.{unused[0]}=...")
+        raise ConfigError(
+            f"eval.{unused[0]}: no chosen evaluator ({chosen}) has this setting. "
+            f"Set it per option, e.g. eval.<option>.{unused[0]}=..."
+        )
     order = sorted(evaluators, key=lambda n: (STAGES.get(type(evaluators[n]).__name__, 9), n))
     return {n: evaluators[n] for n in order}
 
@@ -105,8 +115,14 @@ def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
 class EvalSuite:
     """Runs the chosen evaluators on the base and the tuned model and keeps the results side by side."""
 
-    def __init__(self, evaluators: dict[str, Evaluator], tokenizer: PreTrainedTokenizerBase,
-                 template: ChatTemplate, splits: dict[str, Any], out_dir: Path) -> None:
+    def __init__(
+        self,
+        evaluators: dict[str, Evaluator],
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate,
+        splits: dict[str, Any],
+        out_dir: Path,
+    ) -> None:
         self.evaluators, self.tokenizer, self.template = evaluators, tokenizer, template
         self.splits, self.out_dir = splits, Path(out_dir)
         gen = [e for e in evaluators.values() if isinstance(e, GenerationEval)]
@@ -118,8 +134,9 @@ class EvalSuite:
     def _default_generation(evaluators: dict[str, Evaluator]) -> GenerationEval:
         """Without `generate` chosen, judge/error_analysis still need generations: default settings, limited
         to the judge's `max_examples` when a judge is chosen (nothing else would read more)."""
-        only_judge = all(type(e).__name__ in ("JudgeEval", "LossEval", "BenchmarkEval")
-                         for e in evaluators.values())
+        only_judge = all(
+            type(e).__name__ in ("JudgeEval", "LossEval", "BenchmarkEval") for e in evaluators.values()
+        )
         limits = [e.max_examples for e in evaluators.values() if type(e).__name__ == "JudgeEval"]
         return GenerationEval(max_examples=limits[0] if only_judge and limits else None)
 
@@ -129,8 +146,9 @@ class EvalSuite:
 
     def run(self, model: torch.nn.Module, tag: str) -> dict[str, dict[str, Any]]:
         """Evaluate `model` as `tag` ("base"/"tuned"); returns all results so far, written to eval/."""
-        ctx = EvalContext(model, self.tokenizer, self.template, self.splits, tag, self.out_dir,
-                          self.generation)
+        ctx = EvalContext(
+            model, self.tokenizer, self.template, self.splits, tag, self.out_dir, self.generation
+        )
         flat: dict[str, Any] = {}
         for name, ev in self.evaluators.items():
             if tag == "base" and not getattr(ev, "compare_base", True):
@@ -158,25 +176,39 @@ class EvalSuite:
 
     def _report_forgetting(self) -> None:
         for key, change in self.forgetting().items():
-            log.warning("Forgetting: %s dropped by %.3f (base %.3f -> tuned %.3f)", key, -change,
-                        self.results["base"][key], self.results["tuned"][key])
+            log.warning(
+                "Forgetting: %s dropped by %.3f (base %.3f -> tuned %.3f)",
+                key,
+                -change,
+                self.results["base"][key],
+                self.results["tuned"][key],
+            )
 
     def deltas(self) -> dict[str, float]:
         base, tuned = self.results.get("base", {}), self.results.get("tuned", {})
-        return {k: round(tuned[k] - base[k], 6) for k in tuned
-                if k in base and isinstance(tuned[k], float) and isinstance(base[k], float)}
+        return {
+            k: round(tuned[k] - base[k], 6)
+            for k in tuned
+            if k in base and isinstance(tuned[k], float) and isinstance(base[k], float)
+        }
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(self.out_dir / "results.json",
-                             {**self.results, "delta": self.deltas(), "forgetting": self.forgetting()})
-        rows = {tag: [json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) for rec in records]
-                for tag, records in self.records.items()}
-        (self.out_dir / "generations.jsonl").write_text("".join(r + "\n" for rs in rows.values() for r in rs),
-                                                         encoding="utf-8")
+        artifacts.write_json(
+            self.out_dir / "results.json",
+            {**self.results, "delta": self.deltas(), "forgetting": self.forgetting()},
+        )
+        rows = {
+            tag: [json.dumps({"model": tag, **rec}, ensure_ascii=False, default=str) for rec in records]
+            for tag, records in self.records.items()
+        }
+        (self.out_dir / "generations.jsonl").write_text(
+            "".join(r + "\n" for rs in rows.values() for r in rs), encoding="utf-8"
+        )
         for tag, lines in rows.items():  # one file per model too, for reading (or diffing) one side alone
-            (self.out_dir / f"generations_{tag}.jsonl").write_text("".join(r + "\n" for r in lines),
-                                                                     encoding="utf-8")
+            (self.out_dir / f"generations_{tag}.jsonl").write_text(
+                "".join(r + "\n" for r in lines), encoding="utf-8"
+            )
 
     def log_to_wandb(self, run: Any) -> None:
         """Generations and the comparison as W&B tables on an open run (`wandb.Run`), if any."""
@@ -186,20 +218,33 @@ class EvalSuite:
 
         cols = ["model", "index", "prompt", "reference", "output", "exact_match", "stopped"]
         extra = sorted({k for recs in self.records.values() for r in recs for k in r} - {*cols, "history"})
-        rows = [[tag, *(r.get(c) for c in cols[1:]), *(_cell(r.get(c)) for c in extra)]
-                for tag, recs in self.records.items() for r in recs]
-        comparison = [[k, _cell(self.results.get("base", {}).get(k)), _cell(v), self.deltas().get(k)]
-                      for k, v in self.results.get("tuned", {}).items()]
-        run.log({"eval/generations": wandb.Table(columns=cols + extra, data=rows),
-                 "eval/comparison": wandb.Table(columns=["metric", "base", "tuned", "delta"],
-                                                data=comparison)})
+        rows = [
+            [tag, *(r.get(c) for c in cols[1:]), *(_cell(r.get(c)) for c in extra)]
+            for tag, recs in self.records.items()
+            for r in recs
+        ]
+        comparison = [
+            [k, _cell(self.results.get("base", {}).get(k)), _cell(v), self.deltas().get(k)]
+            for k, v in self.results.get("tuned", {}).items()
+        ]
+        run.log(
+            {
+                "eval/generations": wandb.Table(columns=cols + extra, data=rows),
+                "eval/comparison": wandb.Table(columns=["metric", "base", "tuned", "delta"], data=comparison),
+            }
+        )
 
 
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, dict | list) else value
 
 
-def build_suite(cfg_eval: DictConfig | None, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
-                splits: dict[str, Any], out_dir: Path) -> EvalSuite | None:
+def build_suite(
+    cfg_eval: DictConfig | None,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    splits: dict[str, Any],
+    out_dir: Path,
+) -> EvalSuite | None:
     evaluators = build_evaluators(cfg_eval)
     return EvalSuite(evaluators, tokenizer, template, splits, out_dir) if evaluators else None
