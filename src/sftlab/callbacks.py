@@ -85,6 +85,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return str(found)
     path = Path(resume)
     if not path.is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file. Pass a .ckpt path, or resume=auto "
-                          "with hydra.run.dir=<the run directory to continue>.")
+        raise ConfigError(
+            f"resume={resume!r}: no such checkpoint file. Pass a .ckpt path, or resume=auto "
+            "with hydra.run.dir=<the run directory to continue>."
+        )
     return str(path)

@@ -49,8 +49,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target positions, number of target positions)."""
     lm = unwrap(model)
     # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
@@ -148,8 +150,11 @@ class SFTModule(pl.LightningModule):
         every = trainer.val_check_batch
         if accumulate > 1 and isinstance(every, int) and every % accumulate:
             trainer.val_check_batch = max(accumulate, every - every % accumulate)
-            log.info("Validating every %d micro-batches, not %d: a multiple of accumulate_grad_batches",
-                     trainer.val_check_batch, every)
+            log.info(
+                "Validating every %d micro-batches, not %d: a multiple of accumulate_grad_batches",
+                trainer.val_check_batch,
+                every,
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._train_rng is not None:
@@ -187,10 +192,12 @@ class SFTModule(pl.LightningModule):
         found = [c for c in map(find_resume_checkpoint, dirs) if c is not None]
         ckpt = str(found[0]) if found else ""  # what resume=auto would take
         where = f"resume from {ckpt} with resume={ckpt}" if ckpt else "no checkpoint was saved yet"
-        return (f"train/loss is {loss} at optimizer step {self.trainer.global_step + 1} "
-                f"(epoch {self.trainer.current_epoch}); the run stopped before applying it, so the weights "
-                f"and checkpoints are intact: {where}. Lower optimizer.lr, use trainer.precision=32 or "
-                "bf16-mixed instead of 16-mixed, or look for a broken example in the data.")
+        return (
+            f"train/loss is {loss} at optimizer step {self.trainer.global_step + 1} "
+            f"(epoch {self.trainer.current_epoch}); the run stopped before applying it, so the weights "
+            f"and checkpoints are intact: {where}. Lower optimizer.lr, use trainer.precision=32 or "
+            "bf16-mixed instead of 16-mixed, or look for a broken example in the data."
+        )
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -218,8 +225,11 @@ class SFTModule(pl.LightningModule):
     def _trainable_names(self) -> set[str]:
         # FSDP (use_orig_params) and activation checkpointing insert wrapper names into parameter names,
         # but not into the full state dict Lightning gathers.
-        return {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-                for n, p in self.named_parameters() if p.requires_grad}
+        return {
+            n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            for n, p in self.named_parameters()
+            if p.requires_grad
+        }
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = self._trainable_names()

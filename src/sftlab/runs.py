@@ -41,8 +41,10 @@ def _config(run: Path, run_dir: str | Path) -> DictConfig:
     for name in ("config.yaml", MERGED_CONFIG):
         if (run / name).is_file():
             return OmegaConf.load(run / name)
-    raise SFTLabError(f"run={str(run_dir)!r}: no config.yaml there. Pass a run directory written by train.py "
-                      "or a directory written by sftlab-merge.")
+    raise SFTLabError(
+        f"run={str(run_dir)!r}: no config.yaml there. Pass a run directory written by train.py "
+        "or a directory written by sftlab-merge."
+    )
 
 
 def load_run(run_dir: str | Path, *, with_adapter: bool = True, quantized: bool = True) -> LoadedRun:

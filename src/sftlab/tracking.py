@@ -111,8 +111,12 @@ class SafeWandbLogger(WandbLogger):
             fn(*args, **kwargs)
         except Exception as err:  # any W&B failure must stay a logging failure
             if what not in self.failed:
-                log.error("W&B error in %s, training continues (CSV metrics are complete): %s: %s",
-                          what, type(err).__name__, err)
+                log.error(
+                    "W&B error in %s, training continues (CSV metrics are complete): %s: %s",
+                    what,
+                    type(err).__name__,
+                    err,
+                )
             self.failed.add(what)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:

@@ -48,8 +48,11 @@ def _small_data(tmp_path, n_train=24, n_val=8) -> list[str]:
     for split, n in (("train", n_train), ("val", n_val)):
         lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return [f"data.train_path={tmp_path / 'train.jsonl'}", f"data.val_path={tmp_path / 'val.jsonl'}",
-            "data.test_path=null"]
+    return [
+        f"data.train_path={tmp_path / 'train.jsonl'}",
+        f"data.val_path={tmp_path / 'val.jsonl'}",
+        "data.test_path=null",
+    ]
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------
@@ -67,10 +70,20 @@ def killed_during_save(tmp_path_factory):
     """train.py on the tiny model, validation + checkpoints every 2 steps, SIGKILLed writing the second."""
     tmp = tmp_path_factory.mktemp("killed")
     run_dir = tmp / "run"
-    cmd = [sys.executable, "train.py", "model=tiny_random", "logger=csv", "eval=none", *_small_data(tmp),
-           "data.batch_size=4", "trainer.accelerator=cpu", "trainer.max_epochs=1",
-           "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}",
-           "+callbacks.bomb._target_=tests.unit.test_checkpoint.KillDuringSecondSave"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=tiny_random",
+        "logger=csv",
+        "eval=none",
+        *_small_data(tmp),
+        "data.batch_size=4",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.val_check_interval=2",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.bomb._target_=tests.unit.test_checkpoint.KillDuringSecondSave",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
     return run_dir
@@ -128,18 +141,28 @@ class PoisonedAt(SFTModule):
         return loss
 
 
-def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(tmp_path, tiny_cfg, tiny_model_dir,
-                                                                  tokenizer, chatml):
+def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(
+    tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
+):
     data = _small_data(tmp_path)
     cfg = compose_cfg(["model=tiny_random", *data], output_dir=tmp_path)
     dm = instantiate(cfg.data, _partial_=True, batch_size=4)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
-    module = PoisonedAt(LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)),
-                        optimizer=instantiate(cfg.optimizer))
+    module = PoisonedAt(
+        LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)), optimizer=instantiate(cfg.optimizer)
+    )
     callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=2, logger=False,
-                         callbacks=callbacks, enable_progress_bar=False, use_distributed_sampler=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        val_check_interval=2,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(NonFiniteLossError, match=f"at optimizer step 4 .*resume={last}"):
         trainer.fit(module, datamodule=dm)
@@ -161,9 +184,15 @@ def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path
     model = instantiate(cfg.adapter, _convert_="all").apply(load_model(cfg.model, source))
     module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=callbacks,
-                         enable_progress_bar=False, use_distributed_sampler=False,
-                         plugins=[AtomicCheckpointIO()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(module, datamodule=dm)
     best = next((tmp_path / "checkpoints").glob("step*.ckpt")).stat().st_size
     last = (tmp_path / "checkpoints" / "last.ckpt").stat().st_size
@@ -174,26 +203,43 @@ def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path
 
 
 # ---- early stopping and the best checkpoint -------------------------------------------------------------
-def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_back(tmp_path, tiny_cfg,
-                                                                                    tiny_model_dir, tokenizer,
-                                                                                    chatml):
+def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_back(
+    tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
+):
     """min_delta larger than any change: the first validation is the last "improvement", so training stops
     after `patience` more validations; `artifacts.restore_best` (train.py, after fit) loads the best one."""
     from sftlab import artifacts
 
-    overrides = ["model=tiny_random", *_small_data(tmp_path), "callbacks.early_stopping.patience=2",
-                 "callbacks.early_stopping.min_delta=100"]
+    overrides = [
+        "model=tiny_random",
+        *_small_data(tmp_path),
+        "callbacks.early_stopping.patience=2",
+        "callbacks.early_stopping.min_delta=100",
+    ]
     cfg = compose_cfg(overrides, output_dir=tmp_path)
     dm = instantiate(cfg.data, _partial_=True, batch_size=2)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
-    module = SFTModule(LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)),
-                       optimizer=instantiate(cfg.optimizer, lr=0.05))
+    module = SFTModule(
+        LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)),
+        optimizer=instantiate(cfg.optimizer, lr=0.05),
+    )
     best_cb = instantiate(cfg.callbacks.model_checkpoint)
-    callbacks = [best_cb, instantiate(cfg.callbacks.last_checkpoint),
-                 instantiate(cfg.callbacks.early_stopping)]
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=2, logger=False,
-                         callbacks=callbacks, enable_progress_bar=False, use_distributed_sampler=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+    callbacks = [
+        best_cb,
+        instantiate(cfg.callbacks.last_checkpoint),
+        instantiate(cfg.callbacks.early_stopping),
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        val_check_interval=2,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 6  # 12 steps in the epoch; validations at 2 (best), 4, 6: stop
     best = torch.load(best_cb.best_model_path, weights_only=True)
@@ -213,19 +259,30 @@ class ValidationSteps(pl.Callback):
         self.steps.append(trainer.global_step)
 
 
-def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(tmp_path, tiny_cfg,
-                                                                                 tiny_model_dir, tokenizer,
-                                                                                 chatml):
+def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(
+    tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
+):
     """val_check_interval=3 micro-batches with accumulation 2 would validate and save after 1.5 steps."""
     cfg = compose_cfg(["model=tiny_random", *_small_data(tmp_path, n_train=12, n_val=2)], output_dir=tmp_path)
     dm = instantiate(cfg.data, _partial_=True, batch_size=1)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
-    module = SFTModule(LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir)),
-                       optimizer=instantiate(cfg.optimizer))
+    module = SFTModule(
+        LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir)), optimizer=instantiate(cfg.optimizer)
+    )
     seen = ValidationSteps()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, val_check_interval=3,
-                         logger=False, enable_checkpointing=False, callbacks=[seen], num_sanity_val_steps=0,
-                         enable_progress_bar=False, use_distributed_sampler=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        val_check_interval=3,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[seen],
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.val_check_batch == 2
     assert seen.steps == [1, 2, 3, 4, 5, 6]  # after whole steps only (unaligned: 1 mid-window, 3, 4, 6)

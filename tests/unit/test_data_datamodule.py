@@ -17,8 +17,12 @@ from tests.conftest import compose_cfg
 
 
 def conv(i: int, answer_words: int = 3) -> dict:
-    return {"messages": [{"role": "user", "content": f"Question number {i}?"},
-                         {"role": "assistant", "content": " ".join(["word"] * answer_words) + f" {i}."}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"Question number {i}?"},
+            {"role": "assistant", "content": " ".join(["word"] * answer_words) + f" {i}."},
+        ]
+    }
 
 
 def write_jsonl(path, rows) -> str:
@@ -82,8 +86,13 @@ def test_truncation_and_drops_are_counted_by_reason(tokenizer, chatml, tmp_path)
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     truncated = make(tokenizer, chatml, path, max_length=64, max_drop_ratio=0.5)
     truncated.setup()
-    assert truncated.counts()["train"] == {"rows": 4, "kept": 3, "truncated": 1,
-                                           "dropped": {"no_targets_after_truncation": 1}, "skipped": {}}
+    assert truncated.counts()["train"] == {
+        "rows": 4,
+        "kept": 3,
+        "truncated": 1,
+        "dropped": {"no_targets_after_truncation": 1},
+        "skipped": {},
+    }
     assert max(len(e.input_ids) for e in truncated.splits["train"].examples) == 64
     dropped = make(tokenizer, chatml, path, max_length=64, truncation="drop", max_drop_ratio=0.5)
     dropped.setup()

@@ -12,16 +12,29 @@ from sftlab.data.tokenize import IGNORE_INDEX
 
 @pytest.fixture
 def data_file(tmp_path):
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"},
-                          {"role": "assistant", "content": f"Hello {i}!"}]} for i in range(5)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Hi {i}"},
+                {"role": "assistant", "content": f"Hello {i}!"},
+            ]
+        }
+        for i in range(5)
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 def base(data_file, tmp_path):
-    return ["model=tiny_random", "data=jsonl", f"data.train_path={data_file}", "data.val_fraction=0",
-            f"data.cache_dir={tmp_path / 'cache'}"]
+    return [
+        "model=tiny_random",
+        "data=jsonl",
+        f"data.train_path={data_file}",
+        "data.val_fraction=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
 
 
 def test_jsonl_dump_has_ids_labels_and_positions_when_packing(data_file, tmp_path, capsys, tokenizer):

@@ -33,13 +33,19 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def metaspace():
-    corpus = ["hello world how are you", "the capital of France is Paris", "what is two plus two", "four",
-              "Be brief and kind"] * 20
+    corpus = [
+        "hello world how are you",
+        "the capital of France is Paris",
+        "what is two plus two",
+        "four",
+        "Be brief and kind",
+    ] * 20
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL,
-                                                        initial_alphabet=list("\n?.,!")))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIAL, initial_alphabet=list("\n?.,!"))
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -62,8 +68,11 @@ def test_mistral_tokens_equal_whole_string_tokenization_with_one_bos(metaspace, 
     # The tokenizer's own post-processor adds BOS once; the template's rendered "<s>" is that same BOS.
     assert ex.input_ids == metaspace(text[len("<s>") :])["input_ids"]
     assert ex.input_ids.count(metaspace.bos_token_id) == 1 and ex.input_ids[0] == metaspace.bos_token_id
-    trained = [metaspace.convert_ids_to_tokens([t])[0] for t, lab in zip(ex.input_ids, ex.labels, strict=True)
-               if lab != IGNORE_INDEX]
+    trained = [
+        metaspace.convert_ids_to_tokens([t])[0]
+        for t, lab in zip(ex.input_ids, ex.labels, strict=True)
+        if lab != IGNORE_INDEX
+    ]
     assert trained == ["▁four", "</s>", "▁Paris", "</s>"]
 
 

@@ -21,10 +21,22 @@ from tests.unit.test_resume import DATA
 
 
 def _run(run_dir, train, val, extra: list[str]) -> None:
-    cmd = [sys.executable, "train.py", "model=tiny_random", "logger=csv", "eval=none", "data.test_path=null",
-           f"data.train_path={train}", f"data.val_path={val}", "adapter.lora_dropout=0.0",
-           "trainer.accelerator=cpu", "trainer.precision=32", "trainer.max_epochs=1",
-           f"hydra.run.dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=tiny_random",
+        "logger=csv",
+        "eval=none",
+        "data.test_path=null",
+        f"data.train_path={train}",
+        f"data.val_path={val}",
+        "adapter.lora_dropout=0.0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -36,8 +48,12 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     _run(tmp_path / "single", train, val, ["data.batch_size=4"])
-    _run(tmp_path / "ddp", train, val, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                        "data.batch_size=2"])
+    _run(
+        tmp_path / "ddp",
+        train,
+        val,
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"],
+    )
 
     single = torch.load(tmp_path / "single/checkpoints/last.ckpt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", weights_only=True)
@@ -53,14 +69,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 @pytest.mark.parametrize("n", [1, 5, 12, 13, 17, 31])
-@pytest.mark.parametrize(("batch_size", "accumulate", "world_size"),
-                         [(2, 1, 2), (2, 2, 2), (3, 2, 4), (1, 4, 3)])
+@pytest.mark.parametrize(
+    ("batch_size", "accumulate", "world_size"), [(2, 1, 2), (2, 2, 2), (3, 2, 4), (1, 4, 3)]
+)
 def test_every_rank_gets_the_same_micro_batches_per_step(n, batch_size, accumulate, world_size):
     """Unequal micro-batch counts would hang DDP; every example is trained once per epoch (a final step with
     fewer examples than ranks is left out and logged)."""
     targets = [(i * 7) % 11 + 1 for i in range(n)]
-    plans = [StepPlanSampler(targets, batch_size, accumulate, world_size, rank, seed=3)
-             for rank in range(world_size)]
+    plans = [
+        StepPlanSampler(targets, batch_size, accumulate, world_size, rank, seed=3)
+        for rank in range(world_size)
+    ]
     for p in plans:
         p.set_epoch(1)
     batches = [list(p) for p in plans]

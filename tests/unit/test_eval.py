@@ -17,13 +17,21 @@ from sftlab.eval.suite import EvalSuite, build_evaluators
 from tests.conftest import compose_cfg
 
 CONVS = [
-    [{"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): 11 March 1991"},
-     {"role": "assistant", "content": "1991-03-11"}],
+    [
+        {"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): 11 March 1991"},
+        {"role": "assistant", "content": "1991-03-11"},
+    ],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Name a colour, and then explain at some length why you picked that one."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": "Name a colour, and then explain at some length why you picked that one.",
+        },
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Red."},
+    ],
     [{"role": "user", "content": "2048, January 31 -> ISO?"}, {"role": "assistant", "content": "2048-01-31"}],
     [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}],
 ]

@@ -27,10 +27,18 @@ def test_bundled_task_is_offline_and_balanced():
 def test_flatten_and_forgetting():
     flat = flatten_results({"t": {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t", "sample_len": 4}})
     assert flat == {"t/acc": 0.5, "t/acc_stderr": 0.1}  # sample_len is bookkeeping, not a score
-    base = {"benchmarks/t/acc": 0.6, "benchmarks/t/acc_stderr": 0.1, "benchmarks/t/acc_norm": 0.5,
-            "exact_match": 0.9}
-    tuned = {"benchmarks/t/acc": 0.55, "benchmarks/t/acc_stderr": 0.05, "benchmarks/t/acc_norm": 0.7,
-             "exact_match": 0.1}
+    base = {
+        "benchmarks/t/acc": 0.6,
+        "benchmarks/t/acc_stderr": 0.1,
+        "benchmarks/t/acc_norm": 0.5,
+        "exact_match": 0.9,
+    }
+    tuned = {
+        "benchmarks/t/acc": 0.55,
+        "benchmarks/t/acc_stderr": 0.05,
+        "benchmarks/t/acc_norm": 0.7,
+        "exact_match": 0.1,
+    }
     assert forgetting(base, tuned, ["benchmarks"]) == {"benchmarks/t/acc": -0.05}
 
 

@@ -25,8 +25,10 @@ def make_adapter_run(run_dir: Path, tiny_cfg, tiny_model_dir: str, tokenizer, te
 
     cfg = compose_cfg(["experiment=smoke"], output_dir=run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    model = get_peft_model(load_model(tiny_cfg.model, tiny_model_dir),
-                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    model = get_peft_model(
+        load_model(tiny_cfg.model, tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0),
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -43,9 +45,19 @@ def adapter_run(tmp_path_factory, tiny_cfg, tiny_model_dir, tokenizer, chatml) -
 
 def test_sftlab_eval_compares_base_and_tuned(adapter_run):
     proc = subprocess.run(
-        [sys.executable, "-m", "sftlab.cli.eval", f"run={adapter_run}", "eval=[error_analysis,generate]",
-         "eval.generate.max_examples=3", "eval.generate.max_new_tokens=6"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sftlab.cli.eval",
+            f"run={adapter_run}",
+            "eval=[error_analysis,generate]",
+            "eval.generate.max_examples=3",
+            "eval.generate.max_new_tokens=6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "base vs tuned" in proc.stdout and "error_analysis/no_stop_rate" in proc.stdout
@@ -71,7 +83,12 @@ def test_sftlab_eval_compares_base_and_tuned(adapter_run):
 
 
 def test_sftlab_eval_refuses_a_directory_that_is_not_a_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sftlab.cli.eval", f"run={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftlab.cli.eval", f"run={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "no config.yaml there" in proc.stdout + proc.stderr

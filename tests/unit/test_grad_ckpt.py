@@ -19,8 +19,11 @@ from sftlab.module import SFTModule, enable_gradient_checkpointing, token_loss_s
 
 
 def _batch(tokenizer) -> dict[str, torch.Tensor]:
-    ids = tokenizer(["The quick brown fox jumps over the lazy dog", "Hello there, how are you today?"],
-                    padding=True, return_tensors="pt")
+    ids = tokenizer(
+        ["The quick brown fox jumps over the lazy dog", "Hello there, how are you today?"],
+        padding=True,
+        return_tensors="pt",
+    )
     labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
     labels[:, :3] = -100  # a prompt part that is not trained
     return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": labels}
@@ -51,8 +54,9 @@ def reference(tiny_cfg, tiny_model_dir, tokenizer):
 
 
 @pytest.mark.parametrize("mode", [True, "non_reentrant", "reentrant"])
-def test_every_lora_weight_gets_the_same_gradient_with_checkpointing(mode, reference, tiny_cfg,
-                                                                     tiny_model_dir, tokenizer):
+def test_every_lora_weight_gets_the_same_gradient_with_checkpointing(
+    mode, reference, tiny_cfg, tiny_model_dir, tokenizer
+):
     grads = _grads(tiny_cfg, tiny_model_dir, _batch(tokenizer), mode)
     assert grads.keys() == reference.keys() and len(grads) > 0
     for name, grad in grads.items():

@@ -29,17 +29,24 @@ from tests.conftest import ROOT, compose_cfg
 
 CRITERIA = {"correctness": "Is the answer right?"}
 PROMPT = "Grade {answer} against {reference}."  # short, so the judge trains in seconds
-RECORDS = [{"prompt": "Convert 11 March 1991 to ISO 8601.", "reference": "1991-03-11", "output": out}
-           for out in ("1991-03-11", "banana")]
-VERDICTS = ['{"correctness": 5, "unsupported_claims": false, "reason": "Matches."}',
-            '{"correctness": 1, "unsupported_claims": true, "reason": "Wrong."}']
+RECORDS = [
+    {"prompt": "Convert 11 March 1991 to ISO 8601.", "reference": "1991-03-11", "output": out}
+    for out in ("1991-03-11", "banana")
+]
+VERDICTS = [
+    '{"correctness": 5, "unsupported_claims": false, "reason": "Matches."}',
+    '{"correctness": 1, "unsupported_claims": true, "reason": "Wrong."}',
+]
 
 
 def test_parse_verdict_json_prose_and_fallback():
     text = 'Sure! {"correctness": 4, "tone": 5, "unsupported_claims": true, "reason": " Close. "} Done.'
     assert parse_verdict(text, ["correctness", "tone"], [1, 5]) == {
-        "scores": {"correctness": 4.0, "tone": 5.0}, "unsupported_claims": True, "reason": "Close.",
-        "error": None}
+        "scores": {"correctness": 4.0, "tone": 5.0},
+        "unsupported_claims": True,
+        "reason": "Close.",
+        "error": None,
+    }
     loose = parse_verdict("Correctness: 3\ntone = 2.5\nThe answer is fine.", ["correctness", "tone"], [1, 5])
     assert loose["scores"] == {"correctness": 3.0, "tone": 2.5} and loose["error"] is None
     bad = parse_verdict('{"correctness": 9}', ["correctness", "safety"], [1, 5])
@@ -48,16 +55,31 @@ def test_parse_verdict_json_prose_and_fallback():
 
 
 def test_aggregate_mean_spread_and_failures():
-    verdicts = [parse_verdict(t, ["c"], [1, 5]) for t in ('{"c": 5, "unsupported_claims": false}',
-                                                         '{"c": 3, "unsupported_claims": true}', "no idea")]
-    assert aggregate(verdicts, ["c"]) == {"n": 3, "parse_failures": 1, "c_mean": 4.0, "c_std": 1.0,
-                                          "score_mean": 4.0, "score_std": 1.0, "unsupported_rate": 0.5}
+    verdicts = [
+        parse_verdict(t, ["c"], [1, 5])
+        for t in ('{"c": 5, "unsupported_claims": false}', '{"c": 3, "unsupported_claims": true}', "no idea")
+    ]
+    assert aggregate(verdicts, ["c"]) == {
+        "n": 3,
+        "parse_failures": 1,
+        "c_mean": 4.0,
+        "c_std": 1.0,
+        "score_mean": 4.0,
+        "score_std": 1.0,
+        "unsupported_rate": 0.5,
+    }
     assert aggregate(verdicts[2:], ["c"]) == {"n": 1, "parse_failures": 1}
 
 
 def test_rubric_prompt_names_every_criterion_and_keeps_json_braces():
-    text = render_prompt(DEFAULT_PROMPT, criteria={"correctness": "Right?", "tone": "Nice?"}, scale=[1, 5],
-                         question="Q?", reference="", answer="A.")
+    text = render_prompt(
+        DEFAULT_PROMPT,
+        criteria={"correctness": "Right?", "tone": "Nice?"},
+        scale=[1, 5],
+        question="Q?",
+        reference="",
+        answer="A.",
+    )
     assert "- correctness: Right?\n- tone: Nice?" in text and "from 1 (worst) to 5 (best)" in text
     assert '{"correctness": 5, "tone": 5, "unsupported_claims": false, "reason": "one sentence"}' in text
     assert text.endswith("[Question]\nQ?\n\n[Reference answer]\n(none)\n\n[Assistant's answer]\nA.")
@@ -103,9 +125,13 @@ def judge_run(request, tmp_path_factory, tiny_cfg, tiny_model_dir, tokenizer, ch
 
     judge = JudgeEval(criteria=CRITERIA, prompt=PROMPT)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    sequences = [(encode_prompt([{"role": "user", "content": p}], chatml, tokenizer),
-                  tokenizer(v, add_special_tokens=False)["input_ids"] + [im_end])
-                 for p, v in zip(judge.prompts(RECORDS), VERDICTS, strict=True)]
+    sequences = [
+        (
+            encode_prompt([{"role": "user", "content": p}], chatml, tokenizer),
+            tokenizer(v, add_special_tokens=False)["input_ids"] + [im_end],
+        )
+        for p, v in zip(judge.prompts(RECORDS), VERDICTS, strict=True)
+    ]
     key = hashlib.sha256(json.dumps([sequences, tiny_model_dir, torch.__version__]).encode()).hexdigest()[:12]
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: train every time
     run = cache.mkdir(f"sftlab-judge-{key}") if cache else tmp_path_factory.mktemp("judge")
@@ -125,13 +151,21 @@ def _check_verdicts(records: list[dict], stats: dict) -> None:
     assert [r["judge"]["scores"] for r in records] == [{"correctness": 5.0}, {"correctness": 1.0}]
     assert [r["judge"]["unsupported_claims"] for r in records] == [False, True]
     assert [r["judge"]["reason"] for r in records] == ["Matches.", "Wrong."]
-    assert stats == {"n": 2, "parse_failures": 0, "correctness_mean": 3.0, "correctness_std": 2.0,
-                     "score_mean": 3.0, "score_std": 2.0, "unsupported_rate": 0.5}
+    assert stats == {
+        "n": 2,
+        "parse_failures": 0,
+        "correctness_mean": 3.0,
+        "correctness_std": 2.0,
+        "score_mean": 3.0,
+        "score_std": 2.0,
+        "unsupported_rate": 0.5,
+    }
 
 
 def test_local_judge_model_scores_answers(judge_run):
-    judge = JudgeEval(backend="hf", model=str(judge_run / "model"), criteria=CRITERIA, prompt=PROMPT,
-                      max_new_tokens=40)
+    judge = JudgeEval(
+        backend="hf", model=str(judge_run / "model"), criteria=CRITERIA, prompt=PROMPT, max_new_tokens=40
+    )
     records = [dict(r) for r in RECORDS]
     verdicts = judge.judge_records(records)
     _check_verdicts(records, aggregate(verdicts, list(CRITERIA)))
@@ -141,9 +175,13 @@ def test_local_judge_model_scores_answers(judge_run):
 @pytest.fixture
 def served(judge_run):
     """`sftlab-serve` on a free loopback port, serving the judge run; stopped after the test."""
-    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli.serve", f"run={judge_run}", "port=0",
-                             "name=judge"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftlab.cli.serve", f"run={judge_run}", "port=0", "name=judge"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         for line in proc.stdout:  # the server prints its URL once it is bound
@@ -161,8 +199,16 @@ def served(judge_run):
 
 def test_openai_compatible_judge_against_sftlab_serve(served, monkeypatch):
     monkeypatch.setenv("SFTLAB_TEST_JUDGE_KEY", "not-a-secret")  # sent as a bearer token, ignored by serve
-    judge = JudgeEval(backend="openai", base_url=served, model="judge", api_key_env="SFTLAB_TEST_JUDGE_KEY",
-                      criteria=CRITERIA, prompt=PROMPT, max_new_tokens=40, timeout_s=60)
+    judge = JudgeEval(
+        backend="openai",
+        base_url=served,
+        model="judge",
+        api_key_env="SFTLAB_TEST_JUDGE_KEY",
+        criteria=CRITERIA,
+        prompt=PROMPT,
+        max_new_tokens=40,
+        timeout_s=60,
+    )
     records = [dict(r) for r in RECORDS]
     verdicts = judge.judge_records(records)
     _check_verdicts(records, aggregate(verdicts, list(CRITERIA)))

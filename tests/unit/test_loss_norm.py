@@ -20,8 +20,12 @@ from sftlab.model.load import load_model
 from sftlab.module import SFTModule, token_loss_sum
 from tests.conftest import compose_cfg
 
-ANSWERS = ["Yes.", " ".join(f"step {i} of the long answer," for i in range(20)), "No.",
-           " ".join(f"word{i}" for i in range(40))]
+ANSWERS = [
+    "Yes.",
+    " ".join(f"step {i} of the long answer," for i in range(20)),
+    "No.",
+    " ".join(f"word{i}" for i in range(40)),
+]
 REL_TOL = 1e-5
 
 
@@ -42,15 +46,22 @@ class GradCapture(pl.Callback):
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
-            for i, a in enumerate(ANSWERS)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]}
+        for i, a in enumerate(ANSWERS)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _datamodule(cfg, tokenizer, chatml, train_file, micro_batch: int):
-    overrides = {"train_path": str(train_file), "val_path": None, "test_path": None, "shuffle": False,
-                 "batch_size": micro_batch}
+    overrides = {
+        "train_path": str(train_file),
+        "val_path": None,
+        "test_path": None,
+        "shuffle": False,
+        "batch_size": micro_batch,
+    }
     dm = instantiate(cfg.data, _partial_=True, **overrides)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
     return dm
@@ -67,16 +78,34 @@ def _lora_model(tiny_cfg, tiny_model_dir):
     return model
 
 
-def one_step(module_cls, micro_batch, accumulate, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file,
-             precision="32-true"):
+def one_step(
+    module_cls,
+    micro_batch,
+    accumulate,
+    tiny_cfg,
+    tiny_model_dir,
+    tokenizer,
+    chatml,
+    train_file,
+    precision="32-true",
+):
     """Gradients and logged train/loss of the first optimizer step."""
     cfg = compose_cfg(["model=tiny_random", "optimizer=sgd"], output_dir="/tmp/unused")
     module = module_cls(_lora_model(tiny_cfg, tiny_model_dir), optimizer=instantiate(cfg.optimizer))
     capture = GradCapture()
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=1,
-                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, callbacks=[capture], limit_val_batches=0,
-                         use_distributed_sampler=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[capture],
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=_datamodule(cfg, tokenizer, chatml, train_file, micro_batch))
     return capture.grads, float(trainer.callback_metrics["train/loss"])
 
@@ -105,30 +134,37 @@ def test_gradients_equal_across_accumulation_layouts(runs):
         assert _max_rel_diff(ref, runs[layout][0]) < REL_TOL, layout
 
 
-def test_logged_loss_is_the_token_mean_of_the_whole_step(runs, tiny_cfg, tiny_model_dir, tokenizer, chatml,
-                                                         train_file):
+def test_logged_loss_is_the_token_mean_of_the_whole_step(
+    runs, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file
+):
     cfg = compose_cfg(["model=tiny_random"], output_dir="/tmp/unused")
     dm = _datamodule(cfg, tokenizer, chatml, train_file, 4)
     batch = next(iter(dm.train_dataloader()))
     model = _lora_model(tiny_cfg, tiny_model_dir)
     with torch.no_grad():  # Hugging Face's own loss: mean over every target token of the batch
-        expected = float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               labels=batch["labels"]).loss)
+        expected = float(
+            model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+        )
     for layout, (_, loss) in runs.items():
         assert loss == pytest.approx(expected, rel=REL_TOL), layout
 
 
-def test_control_per_micro_batch_mean_fails_the_same_check(runs, tiny_cfg, tiny_model_dir, tokenizer, chatml,
-                                                           train_file):
+def test_control_per_micro_batch_mean_fails_the_same_check(
+    runs, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file
+):
     grads, _ = one_step(PerMicroBatchMean, 1, 4, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file)
     assert _max_rel_diff(runs[(4, 1)][0], grads) > 100 * REL_TOL
 
 
-def test_bf16_autocast_on_cpu_trains_the_same_step(runs, tiny_cfg, tiny_model_dir, tokenizer, chatml,
-                                                   train_file):
+def test_bf16_autocast_on_cpu_trains_the_same_step(
+    runs, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file
+):
     """`precision=bf16-mixed` (the CPU default where supported): same loss and gradients to bf16 accuracy."""
-    grads, loss = one_step(SFTModule, 2, 2, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file,
-                           precision="bf16-mixed")
+    grads, loss = one_step(
+        SFTModule, 2, 2, tiny_cfg, tiny_model_dir, tokenizer, chatml, train_file, precision="bf16-mixed"
+    )
     ref_grads, ref_loss = runs[(4, 1)]
     assert loss == pytest.approx(ref_loss, rel=1e-2)
     assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 master weights and gradients

@@ -16,8 +16,10 @@ from sftlab.module import token_loss_sum
 from tests.conftest import compose_cfg
 
 CONVERSATIONS = [
-    [{"role": "user", "content": f"Question {i}: " + "why " * (3 * i + 1)},
-     {"role": "assistant", "content": f"Answer {i}: " + "because " * (2 * i + 2)}]
+    [
+        {"role": "user", "content": f"Question {i}: " + "why " * (3 * i + 1)},
+        {"role": "assistant", "content": f"Answer {i}: " + "because " * (2 * i + 2)},
+    ]
     for i in range(6)
 ]
 
@@ -41,8 +43,11 @@ def batch_of(examples, pad_id):
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch.get("position_ids")).logits
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        ).logits
 
 
 def test_pack_keeps_every_example_and_resets_positions(encoded):
@@ -85,8 +90,14 @@ def test_controls_fail_the_same_check(model, encoded, tokenizer):
     alone = logits(model, {"input_ids": torch.tensor([row.input_ids[a:b]])})[0]
     ids = torch.tensor([row.input_ids])
     not_reset = logits(model, {"input_ids": ids, "position_ids": torch.arange(len(row.input_ids))[None]})[0]
-    plain_mask = logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                "position_ids": torch.tensor([row.position_ids])})[0]
+    plain_mask = logits(
+        model,
+        {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.tensor([row.position_ids]),
+        },
+    )[0]
     for wrong in (not_reset, plain_mask):
         assert (wrong[a:b] - alone).abs().max() > 1e-3
 
@@ -133,6 +144,8 @@ def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths_per_b
     order = length_grouped_order(lengths, batch_size=8, seed=3, megabatch=10)
     assert sorted(order) == list(range(400)) and order == length_grouped_order(lengths, 8, 3, 10)
     assert order != length_grouped_order(lengths, 8, 4, 10)
-    spread = [max(lengths[k] for k in order[i : i + 8]) - min(lengths[k] for k in order[i : i + 8])
-              for i in range(0, 400, 8)]
+    spread = [
+        max(lengths[k] for k in order[i : i + 8]) - min(lengths[k] for k in order[i : i + 8])
+        for i in range(0, 400, 8)
+    ]
     assert sum(spread) / len(spread) < 10  # random batches of these lengths spread over ~80

@@ -38,9 +38,15 @@ class RecordBatches(pl.Callback):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = {"pid": os.getpid(), "step": trainer.global_step - 1, "epoch": trainer.current_epoch,
-                  "batch_idx": batch_idx, "index": batch["index"].tolist(), "loss": float(outputs["loss"]),
-                  "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        record = {
+            "pid": os.getpid(),
+            "step": trainer.global_step - 1,
+            "epoch": trainer.current_epoch,
+            "batch_idx": batch_idx,
+            "index": batch["index"].tolist(),
+            "loss": float(outputs["loss"]),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -60,17 +66,33 @@ def _data(tmp: Path) -> list[str]:
     for split, n in (("train", 24), ("val", 8)):
         lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
         (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return [f"data.train_path={tmp / 'train.jsonl'}", f"data.val_path={tmp / 'val.jsonl'}",
-            "data.test_path=null"]
+    return [
+        f"data.train_path={tmp / 'train.jsonl'}",
+        f"data.val_path={tmp / 'val.jsonl'}",
+        "data.test_path=null",
+    ]
 
 
 def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "train.py", "model=tiny_random", "logger=csv", "eval=none", *data,
-           "data.batch_size=4", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.max_epochs=2",
-           "trainer.val_check_interval=2", *extra,
-           "callbacks.early_stopping.patience=100", "resume=auto", f"hydra.run.dir={run_dir}",
-           "+callbacks.record._target_=tests.unit.test_resume.RecordBatches",
-           f"+callbacks.record.path={run_dir / 'batches.jsonl'}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=tiny_random",
+        "logger=csv",
+        "eval=none",
+        *data,
+        "data.batch_size=4",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=2",
+        *extra,
+        "callbacks.early_stopping.patience=100",
+        "resume=auto",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.record._target_=tests.unit.test_resume.RecordBatches",
+        f"+callbacks.record.path={run_dir / 'batches.jsonl'}",
+    ]
     if kill_at is not None:
         cmd += ["+callbacks.kill._target_=tests.unit.test_resume.KillAt", f"+callbacks.kill.step={kill_at}"]
     return cmd
@@ -79,8 +101,14 @@ def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[st
 def _start(run_dir: Path, data: list[str], kill_at: int | None = None, extra: tuple = ()) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bit-identical CPU math
-    return subprocess.Popen(_command(run_dir, data, kill_at, list(extra)), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        _command(run_dir, data, kill_at, list(extra)),
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:

@@ -15,11 +15,17 @@ from tests.conftest import compose_cfg
 from tests.unit.test_resume import DATA
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("cosine", [1 / 3, 2 / 3, 1.0, 0.5 * (1 + 0.7071067811865476), 0.5, 0.5 * (1 - 0.7071067811865476), 0.0]),
-    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0]),
-    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (
+            "cosine",
+            [1 / 3, 2 / 3, 1.0, 0.5 * (1 + 0.7071067811865476), 0.5, 0.5 * (1 - 0.7071067811865476), 0.0],
+        ),
+        ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
 def test_multipliers_with_two_warmup_steps(kind, expected):
     steps = [0, 1, 2, 4, 6, 8, 10]  # total 10, warmup 2: decay over steps 2..10
     got = [lr_factor(s, kind=kind, warmup=2, total=10, min_lr_ratio=0.0) for s in steps]
@@ -57,22 +63,40 @@ class LRRecorder(pl.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_schedule_spans_exactly_the_run_with_accumulation(tmp_path, tiny_cfg, tiny_model_dir, tokenizer,
-                                                          chatml):
+def test_schedule_spans_exactly_the_run_with_accumulation(
+    tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
+):
     """20 examples, micro-batch 2, accumulation 2, 2 epochs: 10 steps, from estimated_stepping_batches."""
     lines = (DATA / "train.jsonl").read_text().splitlines()[:20]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = compose_cfg(["model=tiny_random", "optimizer=sgd", "scheduler=linear", "scheduler.warmup=0.2"],
-                      output_dir=tmp_path)
-    dm = instantiate(cfg.data, _partial_=True, train_path=str(tmp_path / "train.jsonl"), val_path=None,
-                     test_path=None, batch_size=2)(tokenizer=tokenizer, template=chatml)
+    cfg = compose_cfg(
+        ["model=tiny_random", "optimizer=sgd", "scheduler=linear", "scheduler.warmup=0.2"],
+        output_dir=tmp_path,
+    )
+    dm = instantiate(
+        cfg.data,
+        _partial_=True,
+        train_path=str(tmp_path / "train.jsonl"),
+        val_path=None,
+        test_path=None,
+        batch_size=2,
+    )(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
     model = LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir))
     module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     recorder = LRRecorder()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[recorder],
-                         limit_val_batches=0, use_distributed_sampler=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     base = cfg.optimizer.lr
     expected = [base * lr_factor(s, kind="linear", warmup=2, total=10, min_lr_ratio=0.0) for s in range(10)]

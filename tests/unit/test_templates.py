@@ -20,8 +20,14 @@ from tests.conftest import compose_cfg
 
 TEMPLATES = ["chatml", "llama3", "mistral", "gemma", "alpaca", "tokenizer"]
 # (text the model generates before the content, end-of-turn text after it) per template
-TURN_ENDS = {"chatml": ("", "<|im_end|>"), "llama3": ("", "<|eot_id|>"), "mistral": (" ", "</s>"),
-             "gemma": ("", "<end_of_turn>"), "alpaca": ("", "<|im_end|>"), "tokenizer": ("", "<|im_end|>")}
+TURN_ENDS = {
+    "chatml": ("", "<|im_end|>"),
+    "llama3": ("", "<|eot_id|>"),
+    "mistral": (" ", "</s>"),
+    "gemma": ("", "<end_of_turn>"),
+    "alpaca": ("", "<|im_end|>"),
+    "tokenizer": ("", "<|im_end|>"),
+}
 
 CONVERSATION = [
     {"role": "system", "content": "You answer with tools when needed."},
@@ -82,8 +88,9 @@ def test_saved_jinja_template_renders_training_text_and_generation_prompt(templa
     assert rendered == bos + "".join(s.text for s in template.render(CONVERSATION))
     for i in assistant_turns(CONVERSATION):
         history = CONVERSATION[:i]
-        prompt = tokenizer.apply_chat_template(history, chat_template=jinja, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            history, chat_template=jinja, tokenize=False, add_generation_prompt=True
+        )
         assert prompt == bos + "".join(s.text for s in template.generation_prompt(history))
 
 
@@ -99,7 +106,6 @@ def test_exactly_one_bos_where_the_template_uses_one(template, tokenizer):
         assert ex.input_ids[0] == bos and ex.input_ids[1] != bos
 
 
-
 def test_serving_stack_tokenizes_the_saved_template_to_the_training_tokens(template, tokenizer):
     """vLLM / transformers render `to_jinja()` and tokenize the whole string: the same tokens as training."""
     if template.name == "llama3":
@@ -112,9 +118,11 @@ def test_serving_stack_tokenizes_the_saved_template_to_the_training_tokens(templ
     ex = encode_conversations([conv], template, tokenizer)[0]
     assert ex.input_ids == tokenizer.apply_chat_template(conv, chat_template=jinja, return_dict=False)
     for i in assistant_turns(conv):
-        served = tokenizer.apply_chat_template(conv[:i], chat_template=jinja, add_generation_prompt=True,
-                                               return_dict=False)
+        served = tokenizer.apply_chat_template(
+            conv[:i], chat_template=jinja, add_generation_prompt=True, return_dict=False
+        )
         assert served == encode_prompt(conv[:i], template, tokenizer) == ex.input_ids[: len(served)]
+
 
 ADVERSARIAL_PROMPTS = ["Fill in: ", "Key:", "Options [a, b]"]
 ADVERSARIAL_RESPONSES = ['{"a": 1}', "42 is the answer", "東京です", " leading space"]
@@ -143,15 +151,18 @@ def test_train_on_last_assistant_and_all(template, tokenizer):
     last = encode_conversations([CONVERSATION], template, tokenizer, train_on="last_assistant")[0]
     lead, end = TURN_ENDS[template.name]
     assert [tokenizer.decode(r) for r in supervised_runs(last.input_ids, last.labels)] == [
-        lead + CONVERSATION[-1]["content"] + end]
+        lead + CONVERSATION[-1]["content"] + end
+    ]
     everything = encode_conversations([CONVERSATION], template, tokenizer, train_on="all")[0]
     assert everything.labels[0] == IGNORE_INDEX  # never predicted
     assert everything.labels[1:] == everything.input_ids[1:]
 
 
 def test_tokenizer_template_refuses_a_template_that_rewrites_history(tokenizer):
-    reverse = ("{% for m in messages|reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    reverse = (
+        "{% for m in messages|reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     with pytest.raises(DataError, match="does not extend the earlier turns"):
         TokenizerTemplate(chat_template=reverse).bind(tokenizer).render(CONVERSATION)
 

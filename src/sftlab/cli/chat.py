@@ -63,12 +63,22 @@ def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> s
     ids = torch.tensor([encode_prompt(history, run.template, run.tokenizer)], device=run.model.device)
     streamer = TextStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True)
     streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="", file=out, flush=True)
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature}
+        if args.temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     stops = stop_token_ids(run.template, run.tokenizer)
-    generated = run.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                   max_new_tokens=args.max_new_tokens, eos_token_id=stops,
-                                   pad_token_id=run.tokenizer.pad_token_id, use_cache=True, **sampling)
+    generated = run.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        streamer=streamer,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=run.tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
     new = generated[0, ids.shape[1] :].tolist()
     stop_at = next((i for i, t in enumerate(new) if t in stops), len(new))
     print(file=out, flush=True)

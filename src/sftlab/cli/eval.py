@@ -34,8 +34,9 @@ log = logging.getLogger("sftlab.eval")
 def load_splits(run: LoadedRun, test_path: str | None) -> dict[str, Any]:
     """The run's data splits, tokenized with the run's tokenizer and template (test_path overrides)."""
     overrides = {"test_path": test_path} if test_path else {}
-    datamodule = instantiate(run.cfg.data, _partial_=True, **overrides)(tokenizer=run.tokenizer,
-                                                                       template=run.template)
+    datamodule = instantiate(run.cfg.data, _partial_=True, **overrides)(
+        tokenizer=run.tokenizer, template=run.template
+    )
     datamodule.setup("test")
     return datamodule.splits
 
@@ -72,8 +73,9 @@ def _log_wandb(suite: EvalSuite, run: LoadedRun, out_dir: Path) -> None:
 
     if not os.environ.get("WANDB_MODE") and not tracking.wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
-    with contextlib.closing(wandb.init(project="sftlab", job_type="eval", dir=str(out_dir),
-                                       name=f"eval-{run.run_dir.name}")) as wb:
+    with contextlib.closing(
+        wandb.init(project="sftlab", job_type="eval", dir=str(out_dir), name=f"eval-{run.run_dir.name}")
+    ) as wb:
         wb.summary.update({"eval": dict(suite.results)})
         suite.log_to_wandb(wb)
 

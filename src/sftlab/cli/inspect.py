@@ -110,8 +110,14 @@ def counts_table(counts: dict[str, dict]) -> Table:
         table.add_column(column, justify="left" if column in ("split", "dropped", "skipped") else "right")
     for split, c in counts.items():
         reasons = [", ".join(f"{r}: {n}" for r, n in c[k].items()) or "-" for k in ("dropped", "skipped")]
-        table.add_row(split, str(c["rows"]), str(c["kept"]), str(c["truncated"]), *reasons,
-                      str(c.get("packed_rows", "-")))
+        table.add_row(
+            split,
+            str(c["rows"]),
+            str(c["kept"]),
+            str(c["truncated"]),
+            *reasons,
+            str(c.get("packed_rows", "-")),
+        )
     return table
 
 
@@ -121,19 +127,29 @@ def show_rich(args: InspectArgs, datamodule, tokenizer) -> None:
     examples = datamodule.splits[args.split].examples
     for index, example in enumerate(examples[: 3 if args.n is None else args.n]):
         n_targets = sum(label != IGNORE_INDEX for label in example.labels)
-        console.rule(f"{args.split} example {index}: {len(example.input_ids)} tokens, {n_targets} trained"
-                     + (" (truncated)" if example.status == "truncated" else ""))
+        console.rule(
+            f"{args.split} example {index}: {len(example.input_ids)} tokens, {n_targets} trained"
+            + (" (truncated)" if example.status == "truncated" else "")
+        )
         console.print(highlight(example, tokenizer))
-    console.print(Text.assemble(("trained", TRAINED), "  ", ("not trained", UNTRAINED), "  ",
-                                ("▏ next packed example", BOUNDARY)))
+    console.print(
+        Text.assemble(
+            ("trained", TRAINED), "  ", ("not trained", UNTRAINED), "  ", ("▏ next packed example", BOUNDARY)
+        )
+    )
 
 
 def write_jsonl(args: InspectArgs, datamodule) -> None:
     print(json.dumps(datamodule.counts()), file=sys.stderr)
     examples = datamodule.splits[args.split].examples
     for index, example in enumerate(examples if args.n is None else examples[: args.n]):
-        record = {"split": args.split, "index": index, "status": example.status,
-                  "input_ids": example.input_ids, "labels": example.labels}
+        record = {
+            "split": args.split,
+            "index": index,
+            "status": example.status,
+            "input_ids": example.input_ids,
+            "labels": example.labels,
+        }
         if example.position_ids is not None:
             record["position_ids"] = example.position_ids
         sys.stdout.write(json.dumps(record) + "\n")

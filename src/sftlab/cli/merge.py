@@ -33,8 +33,11 @@ from sftlab.runs import MERGED_CONFIG, LoadedRun, load_run
 
 log = logging.getLogger("sftlab.merge")
 
-PROBE = [{"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): the 5th of March, 2021"},
-         {"role": "assistant", "content": "2021-03-05"}, {"role": "user", "content": "And what is 2 + 2?"}]
+PROBE = [
+    {"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): the 5th of March, 2021"},
+    {"role": "assistant", "content": "2021-03-05"},
+    {"role": "user", "content": "And what is 2 + 2?"},
+]
 
 
 @dataclass
@@ -93,9 +96,13 @@ def merged_model(args: MergeArgs) -> tuple[PreTrainedModel, LoadedRun, dict]:
     diff = (merged_logits - reference).abs()
     agreement = float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean())
     report = {
-        "run": str(run_dir), "quantized_base": quantized, "merged_into": args.base if quantized else "base",
-        "dtype": str(dtype).removeprefix("torch."), "probe_tokens": len(ids),
-        "logits_max_abs_diff": float(diff.max()), "logits_mean_abs_diff": float(diff.mean()),
+        "run": str(run_dir),
+        "quantized_base": quantized,
+        "merged_into": args.base if quantized else "base",
+        "dtype": str(dtype).removeprefix("torch."),
+        "probe_tokens": len(ids),
+        "logits_max_abs_diff": float(diff.max()),
+        "logits_mean_abs_diff": float(diff.mean()),
         "greedy_next_token_agreement": agreement,
     }
     return model, adapter_run, report
@@ -128,11 +135,16 @@ def merge(args: MergeArgs) -> Path:
     model, run, report = merged_model(args)
     out.mkdir(parents=True, exist_ok=True)
     write_merged(out, model, run, report)
-    log.info("Merged model written to %s (logits max |diff| vs the adapter model: %.3g)", out,
-             report["logits_max_abs_diff"])
-    print(f"merged: {out}\nlogits max |diff| vs adapter model: {report['logits_max_abs_diff']:.3g} "
-          f"(greedy agreement {report['greedy_next_token_agreement']:.3f})\nserve: vllm serve {out}  "
-          f"or  sftlab-serve run={out}")
+    log.info(
+        "Merged model written to %s (logits max |diff| vs the adapter model: %.3g)",
+        out,
+        report["logits_max_abs_diff"],
+    )
+    print(
+        f"merged: {out}\nlogits max |diff| vs adapter model: {report['logits_max_abs_diff']:.3g} "
+        f"(greedy agreement {report['greedy_next_token_agreement']:.3f})\nserve: vllm serve {out}  "
+        f"or  sftlab-serve run={out}"
+    )
     return out
 
 

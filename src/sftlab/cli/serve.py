@@ -156,24 +156,38 @@ def completion(run: LoadedRun, req: Request, name: str) -> dict:
         parts.append(delta)
         finish, n = reason or finish, count
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "finish_reason": finish}],
-        "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
-                  "total_tokens": len(req.prompt_ids) + n},
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": finish}
+        ],
+        "usage": {
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": n,
+            "total_tokens": len(req.prompt_ids) + n,
+        },
     }
 
 
 def chunks(run: LoadedRun, req: Request, name: str) -> Iterator[dict]:
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": name}
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": name,
+    }
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     yield {**base, "choices": [first]}
     for delta, reason, _ in stream_text(run, req):
         if delta or reason:
-            yield {**base, "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
-                                        "finish_reason": reason}]}
+            yield {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": reason}
+                ],
+            }
 
 
 def make_handler(run: LoadedRun, name: str, cap: int) -> type[BaseHTTPRequestHandler]:
@@ -196,8 +210,13 @@ def make_handler(run: LoadedRun, name: str, cap: int) -> type[BaseHTTPRequestHan
 
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "sftlab"}]})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sftlab"}],
+                    },
+                )
             else:
                 self._error(404, f"no route {self.path}")
 

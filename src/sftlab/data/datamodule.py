@@ -87,8 +87,10 @@ def _local_file(path: str, key: str) -> Path | None:
     if file.is_file():
         return file
     if path.startswith((locate.PKG_SCHEME, "/", ".", "~")) or path.endswith(FILE_SUFFIXES):
-        raise DataError(f"{key}={path!r}: file not found. Point {key} at an existing "
-                        f"{'/'.join(FILE_SUFFIXES)} file or a Hugging Face dataset id.")
+        raise DataError(
+            f"{key}={path!r}: file not found. Point {key} at an existing "
+            f"{'/'.join(FILE_SUFFIXES)} file or a Hugging Face dataset id."
+        )
     return None
 
 
@@ -209,8 +211,9 @@ class SplitData:
         return [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in self.examples]
 
 
-def convert_rows(rows: list[Row], fmt: str | None, fields: Mapping[str, str], on_error: str
-                 ) -> tuple[list[Conversation], Counter]:
+def convert_rows(
+    rows: list[Row], fmt: str | None, fields: Mapping[str, str], on_error: str
+) -> tuple[list[Conversation], Counter]:
     """Rows -> conversations. Strict (`raise`): the first bad row stops with its file:line and the fix.
     Lenient (`skip`): bad rows are skipped and counted by reason."""
     conversations, skipped = [], Counter()
@@ -221,8 +224,9 @@ def convert_rows(rows: list[Row], fmt: str | None, fields: Mapping[str, str], on
             conversations.append(to_messages(row, fmt, where, fields))
         except BadRow as err:
             if on_error == "raise":
-                raise DataError(f"{err} (Or set data.on_error=skip to skip bad rows; they are counted by "
-                                "reason.)") from None
+                raise DataError(
+                    f"{err} (Or set data.on_error=skip to skip bad rows; they are counted by reason.)"
+                ) from None
             skipped[err.reason] += 1
     return conversations, skipped
 
@@ -238,28 +242,41 @@ def dedupe(conversations: list[Conversation]) -> tuple[list[Conversation], int]:
     return out, len(conversations) - len(out)
 
 
-def split_off(conversations: list[Conversation], fraction: float, seed: int
-              ) -> tuple[list[Conversation], list[Conversation]]:
+def split_off(
+    conversations: list[Conversation], fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
     """(train, val): a seeded random `fraction` (at least one example) becomes the validation split."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     n_val = max(1, math.floor(fraction * len(order))) if order else 0
     val = set(order[:n_val])
-    return ([c for i, c in enumerate(conversations) if i not in val],
-            [c for i, c in enumerate(conversations) if i in val])
+    return (
+        [c for i, c in enumerate(conversations) if i not in val],
+        [c for i, c in enumerate(conversations) if i in val],
+    )
 
 
-def encode_split(conversations: list[Conversation], template: Template, tokenizer: PreTrainedTokenizerBase,
-                 *, skipped: Counter, duplicates: int, packing: bool, **encode_kwargs: Any) -> SplitData:
+def encode_split(
+    conversations: list[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    skipped: Counter,
+    duplicates: int,
+    packing: bool,
+    **encode_kwargs: Any,
+) -> SplitData:
     encoded = encode_conversations(conversations, template, tokenizer, **encode_kwargs)
     kept = [(e, c) for e, c in zip(encoded, conversations, strict=True) if not e.dropped]
     dropped = Counter(e.status for e in encoded if e.dropped)
     if duplicates:
         dropped["duplicate"] = duplicates
     counts: dict[str, Any] = {
-        "rows": len(encoded) + duplicates + sum(skipped.values()), "kept": len(kept),
+        "rows": len(encoded) + duplicates + sum(skipped.values()),
+        "kept": len(kept),
         "truncated": sum(e.status == "truncated" for e in encoded),
-        "dropped": dict(sorted(dropped.items())), "skipped": dict(sorted(skipped.items())),
+        "dropped": dict(sorted(dropped.items())),
+        "skipped": dict(sorted(skipped.items())),
     }
     examples = [e for e, _ in kept]
     if packing:
@@ -302,7 +319,9 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(f["labels"])
         attention_mask[row, :n] = 1
     batch = {
-        "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
         "step_targets": torch.tensor(features[0]["step_targets"]),
         "index": torch.tensor([f["index"] for f in features]),
     }
@@ -428,8 +447,15 @@ class SFTDataModule(pl.LightningDataModule):
             conversations["train"], conversations["val"] = train, val
             skipped["val"], duplicates["val"] = Counter(), 0
         return {
-            split: encode_split(convs, self.template, self.tokenizer, skipped=skipped[split],
-                                duplicates=duplicates[split], packing=self.packing, **self.encode_kwargs)
+            split: encode_split(
+                convs,
+                self.template,
+                self.tokenizer,
+                skipped=skipped[split],
+                duplicates=duplicates[split],
+                packing=self.packing,
+                **self.encode_kwargs,
+            )
             for split, convs in conversations.items()
         }
 
@@ -438,11 +464,20 @@ class SFTDataModule(pl.LightningDataModule):
             return None
         seeded = self.val_fraction > 0 or any(s.weight % 1 for srcs in self.sources.values() for s in srcs)
         parts = {
-            "sources": {split: [source_fingerprint(s, f"data.{split}_path") for s in srcs]
-                        for split, srcs in self.sources.items()},
-            "settings": {"format": self.format, "fields": self.fields, "on_error": self.on_error,
-                         "dedupe": self.dedupe, "val_fraction": self.val_fraction, "packing": self.packing,
-                         "seed": self.seed if seeded else None, **self.encode_kwargs},
+            "sources": {
+                split: [source_fingerprint(s, f"data.{split}_path") for s in srcs]
+                for split, srcs in self.sources.items()
+            },
+            "settings": {
+                "format": self.format,
+                "fields": self.fields,
+                "on_error": self.on_error,
+                "dedupe": self.dedupe,
+                "val_fraction": self.val_fraction,
+                "packing": self.packing,
+                "seed": self.seed if seeded else None,
+                **self.encode_kwargs,
+            },
             "template": cache.template_fingerprint(self.template),
             "tokenizer": cache.tokenizer_fingerprint(self.tokenizer),
         }
@@ -450,12 +485,20 @@ class SFTDataModule(pl.LightningDataModule):
 
     def _check_split(self, split: str, data: SplitData) -> None:
         c = data.counts
-        log.info("data %s: %d rows -> %d kept (%d truncated); dropped %s; skipped %s%s", split, c["rows"],
-                 c["kept"], c["truncated"], c["dropped"] or "none", c["skipped"] or "none",
-                 f"; packed into {c['packed_rows']} rows" if "packed_rows" in c else "")
+        log.info(
+            "data %s: %d rows -> %d kept (%d truncated); dropped %s; skipped %s%s",
+            split,
+            c["rows"],
+            c["kept"],
+            c["truncated"],
+            c["dropped"] or "none",
+            c["skipped"] or "none",
+            f"; packed into {c['packed_rows']} rows" if "packed_rows" in c else "",
+        )
         if not data.examples:
-            raise DataError(f"data.{split}: no usable example ({c}). Check data.format, data.fields and "
-                            "data.max_length.")
+            raise DataError(
+                f"data.{split}: no usable example ({c}). Check data.format, data.fields and data.max_length."
+            )
         lost = sum(c["skipped"].values()) + sum(n for r, n in c["dropped"].items() if r != "duplicate")
         if c["rows"] and lost / c["rows"] > self.max_drop_ratio:
             raise DataError(
@@ -493,8 +536,9 @@ class SFTDataModule(pl.LightningDataModule):
         # Own generator: creating the loader iterator then draws nothing from the global torch RNG, so a
         # resumed run (which creates it mid-epoch) keeps the same dropout stream as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(_Examples(self.splits["train"].examples), batch_sampler=self.sampler,
-                            generator=generator)
+        return self._loader(
+            _Examples(self.splits["train"].examples), batch_sampler=self.sampler, generator=generator
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: where the train sample stream stands, for an exact mid-epoch resume.
@@ -507,8 +551,12 @@ class SFTDataModule(pl.LightningDataModule):
         if trainer is None or trainer.state.fn != "fit":
             return {}
         fit_loop = trainer.fit_loop
-        return {"sampler": {"epoch": fit_loop.epoch_progress.current.processed,
-                            "consumed": fit_loop.epoch_loop.batch_progress.current.processed}}
+        return {
+            "sampler": {
+                "epoch": fit_loop.epoch_progress.current.processed,
+                "consumed": fit_loop.epoch_loop.batch_progress.current.processed,
+            }
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_state = state_dict.get("sampler")

@@ -22,11 +22,27 @@ from collections.abc import Callable, Mapping
 from sftlab.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool", "function_response": "tool",
-                  "observation": "tool"}
-REASONS = ("bad_json", "not_an_object", "unknown_format", "missing_field", "wrong_type", "empty_content",
-           "unknown_role", "no_assistant", "invalid_unicode")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
+REASONS = (
+    "bad_json",
+    "not_an_object",
+    "unknown_format",
+    "missing_field",
+    "wrong_type",
+    "empty_content",
+    "unknown_role",
+    "no_assistant",
+    "invalid_unicode",
+)
 
 Conversation = list[dict] | str  # messages, or one plain-text document (format `text`)
 
@@ -44,15 +60,23 @@ def check_text(value: object, what: str, where: str, *, allow_empty: bool = Fals
     if value is None:
         raise BadRow(where, "missing_field", f"{what} is missing. Add it or map the column with data.fields.")
     if not isinstance(value, str):
-        raise BadRow(where, "wrong_type", f"{what} must be a string, but it is a {type(value).__name__} "
-                     f"({str(value)[:40]!r}). Store it as a string (quoted); it is never converted silently.")
+        raise BadRow(
+            where,
+            "wrong_type",
+            f"{what} must be a string, but it is a {type(value).__name__} "
+            f"({str(value)[:40]!r}). Store it as a string (quoted); it is never converted silently.",
+        )
     if not allow_empty and not value.strip():
         raise BadRow(where, "empty_content", f"{what} is empty. Fill it in or remove the row.")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRow(where, "invalid_unicode", f"{what} holds a lone UTF-16 surrogate (e.g. a '\\ud83d' "
-                     "escape without its pair), which is not text. Fix the encoding of that row.") from None
+        raise BadRow(
+            where,
+            "invalid_unicode",
+            f"{what} holds a lone UTF-16 surrogate (e.g. a '\\ud83d' "
+            "escape without its pair), which is not text. Fix the encoding of that row.",
+        ) from None
     return value
 
 
@@ -61,23 +85,34 @@ def check_messages(messages: object, where: str, key: str = "messages") -> list[
     if messages is None:
         raise BadRow(where, "missing_field", f"field {key!r} is missing. Add it or map it with data.fields.")
     if not isinstance(messages, list):
-        raise BadRow(where, "wrong_type", f"field {key!r} must be a list of messages, got "
-                     f"{type(messages).__name__}.")
+        raise BadRow(
+            where, "wrong_type", f"field {key!r} must be a list of messages, got {type(messages).__name__}."
+        )
     if not messages:
         raise BadRow(where, "empty_content", f"field {key!r} is an empty list. Remove the row.")
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadRow(where, "wrong_type", f"message {j} must be an object, got {type(m).__name__}.")
         if not isinstance(m.get("role"), str):
-            raise BadRow(where, "missing_field" if m.get("role") is None else "wrong_type",
-                         f"message {j} needs a string 'role' (one of {', '.join(ROLES)}).")
+            raise BadRow(
+                where,
+                "missing_field" if m.get("role") is None else "wrong_type",
+                f"message {j} needs a string 'role' (one of {', '.join(ROLES)}).",
+            )
         if m["role"] not in ROLES:
-            raise BadRow(where, "unknown_role",
-                         f"message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}.")
+            raise BadRow(
+                where,
+                "unknown_role",
+                f"message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}.",
+            )
         check_text(m.get("content"), f"message {j} ({m['role']}) 'content'", where)
     if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow(where, "no_assistant", "no assistant message, so nothing to train on. Add the response "
-                     "turn, or use data.format=text for plain documents.")
+        raise BadRow(
+            where,
+            "no_assistant",
+            "no assistant message, so nothing to train on. Add the response "
+            "turn, or use data.format=text for plain documents.",
+        )
     return messages
 
 
@@ -122,8 +157,11 @@ def from_sharegpt(r: _Row) -> list[dict]:
             raise BadRow(r.where, "wrong_type", f"turn {j} must be an object with 'from' and 'value'.")
         speaker = t.get(r.name("from"))
         if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:  # a list or dict is unhashable
-            raise BadRow(r.where, "unknown_role" if isinstance(speaker, str) else "missing_field",
-                         f"turn {j} has 'from' {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}.")
+            raise BadRow(
+                r.where,
+                "unknown_role" if isinstance(speaker, str) else "missing_field",
+                f"turn {j} has 'from' {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}.",
+            )
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get(r.name("value"))})
     return check_messages(messages, r.where, r.name("conversations"))
 
@@ -136,8 +174,12 @@ def from_alpaca(r: _Row) -> list[dict]:
 
 
 def from_prompt_completion(r: _Row) -> list[dict]:
-    return r.with_system([{"role": "user", "content": r.text("prompt")},
-                          {"role": "assistant", "content": r.text("completion")}])
+    return r.with_system(
+        [
+            {"role": "user", "content": r.text("prompt")},
+            {"role": "assistant", "content": r.text("completion")},
+        ]
+    )
 
 
 def from_text(r: _Row) -> str:
@@ -152,8 +194,13 @@ FORMATS: dict[str, Callable[[_Row], Conversation]] = {
     "text": from_text,
 }
 # Checked in this order: the first key present decides.
-_SIGNATURES = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca",
-               "prompt": "prompt_completion", "text": "text"}
+_SIGNATURES = {
+    "messages": "messages",
+    "conversations": "sharegpt",
+    "instruction": "alpaca",
+    "prompt": "prompt_completion",
+    "text": "text",
+}
 
 
 def detect_format(row: dict, where: str, fields: Mapping[str, str] | None = None) -> str:
@@ -161,9 +208,13 @@ def detect_format(row: dict, where: str, fields: Mapping[str, str] | None = None
     for key, fmt in _SIGNATURES.items():
         if fields.get(key, key) in row:
             return fmt
-    raise BadRow(where, "unknown_format", f"cannot tell the data format from keys {sorted(row)}. Expected "
-                 f"one of {sorted(_SIGNATURES)}; set data.format to one of {sorted(FORMATS)} and map "
-                 "columns with data.fields.")
+    raise BadRow(
+        where,
+        "unknown_format",
+        f"cannot tell the data format from keys {sorted(row)}. Expected "
+        f"one of {sorted(_SIGNATURES)}; set data.format to one of {sorted(FORMATS)} and map "
+        "columns with data.fields.",
+    )
 
 
 def to_messages(

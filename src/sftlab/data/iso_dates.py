@@ -44,10 +44,14 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
     for offset in days:
         date = start + dt.timedelta(days=offset)
         text = rng.choice(STYLES)(date)
-        rows.append({"messages": [
-            {"role": "user", "content": PROMPT.format(date=text)},
-            {"role": "assistant", "content": date.isoformat()},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": PROMPT.format(date=text)},
+                    {"role": "assistant", "content": date.isoformat()},
+                ]
+            }
+        )
     out, i = {}, 0
     for split, n in SPLITS.items():
         out[split], i = rows[i : i + n], i + n

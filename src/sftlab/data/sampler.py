@@ -120,8 +120,12 @@ class StepPlanSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         left_out = self._global_steps()[1]
         if left_out and self.rank == 0:
-            log.warning("epoch %d: %d example(s) left out: the last step has fewer examples than %d ranks",
-                        self.epoch, len(left_out), self.world_size)
+            log.warning(
+                "epoch %d: %d example(s) left out: the last step has fewer examples than %d ranks",
+                self.epoch,
+                len(left_out),
+                self.world_size,
+            )
         skip = 0
         if self._resume is not None:
             epoch, consumed = self._resume

@@ -157,7 +157,6 @@ class ChatTemplate:
         )
 
 
-
 @dataclass
 class TokenizerTemplate:
     """`template=tokenizer`: the tokenizer's own Jinja chat template (or `chat_template` given here).
@@ -265,4 +264,3 @@ class TokenizerTemplate:
         if self.chat_template is None and self.tokenizer is None:
             raise RuntimeError("template=tokenizer: call bind(tokenizer) first")
         return self.chat_template or self.tokenizer.chat_template
-

@@ -147,8 +147,9 @@ def document_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and ids and ids[0] == bos else None
 
 
-def render(conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase,
-           train_on: str) -> list[Segment]:
+def render(
+    conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase, train_on: str
+) -> list[Segment]:
     """Template segments of a conversation, or a trained document + EOS for plain text."""
     if isinstance(conversation, str):
         return [Segment(conversation, True), Segment(tokenizer.eos_token, True)]

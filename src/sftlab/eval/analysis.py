@@ -28,9 +28,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFUSAL_PHRASES = [
-    "i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i can not", "i won't", "i will not",
-    "i'm unable", "i am unable", "i'm not able", "i am not able", "as an ai", "as a language model",
-    "cannot assist", "can't assist", "cannot help with", "can't help with", "not able to provide",
+    "i'm sorry",
+    "i am sorry",
+    "i apologize",
+    "i cannot",
+    "i can't",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm unable",
+    "i am unable",
+    "i'm not able",
+    "i am not able",
+    "as an ai",
+    "as a language model",
+    "cannot assist",
+    "can't assist",
+    "cannot help with",
+    "can't help with",
+    "not able to provide",
 ]
 
 
@@ -39,8 +55,9 @@ def is_refusal(text: str, phrases: list[str]) -> bool:
     return any(p in low for p in phrases)
 
 
-def example_flags(rec: dict, *, ngram: int, repetition_threshold: float, mismatch_rouge: float,
-                  phrases: list[str]) -> dict[str, Any]:
+def example_flags(
+    rec: dict, *, ngram: int, repetition_threshold: float, mismatch_rouge: float, phrases: list[str]
+) -> dict[str, Any]:
     """The error signals of one generation record; `badness` orders the worst-examples list."""
     rep = repeated_ngram_rate(rec["output"], ngram)
     rouge = rec.get("rougeL")
@@ -72,8 +89,13 @@ class ErrorAnalysis:
         records = ctx.records()
         phrases = [p.lower() for p in self.refusal_phrases]
         for rec in records:
-            rec["errors"] = example_flags(rec, ngram=self.ngram, mismatch_rouge=self.mismatch_rouge,
-                                          repetition_threshold=self.repetition_threshold, phrases=phrases)
+            rec["errors"] = example_flags(
+                rec,
+                ngram=self.ngram,
+                mismatch_rouge=self.mismatch_rouge,
+                repetition_threshold=self.repetition_threshold,
+                phrases=phrases,
+            )
         n = len(records)
         rate = lambda key: sum(r["errors"][key] for r in records) / n  # noqa: E731
         judged = [r for r in records if (r.get("judge") or {}).get("unsupported_claims") is not None]
@@ -83,8 +105,9 @@ class ErrorAnalysis:
             "no_stop_rate": rate("no_stop"),
             "refusal_rate": rate("refusal"),
             "reference_mismatch_rate": rate("mismatch"),
-            "judge_unsupported_rate": (sum(r["judge"]["unsupported_claims"] for r in judged) / len(judged)
-                                       if judged else None),
+            "judge_unsupported_rate": (
+                sum(r["judge"]["unsupported_claims"] for r in judged) / len(judged) if judged else None
+            ),
             "n": n,
         }
         if self.safe_prompts_path:
@@ -92,8 +115,13 @@ class ErrorAnalysis:
         wrong = [r for r in records if r["errors"]["badness"] > 0]  # a perfect answer is never "worst"
         worst = sorted(wrong, key=lambda r: -r["errors"]["badness"])[: self.worst_k]
         path = write_worst(Path(ctx.out_dir) / f"worst_{ctx.tag}.md", worst, ctx.tag)
-        log.info("Error analysis (%s): %s; the %d worst examples are in %s", ctx.tag,
-                 ", ".join(f"{k}={v:.3f}" for k, v in out.items() if isinstance(v, float)), len(worst), path)
+        log.info(
+            "Error analysis (%s): %s; the %d worst examples are in %s",
+            ctx.tag,
+            ", ".join(f"{k}={v:.3f}" for k, v in out.items() if isinstance(v, float)),
+            len(worst),
+            path,
+        )
         return out
 
     def _safe_prompt_refusals(self, ctx: EvalContext, phrases: list[str]) -> dict[str, Any]:
@@ -108,8 +136,14 @@ class ErrorAnalysis:
                 histories.append([{"role": "user", "content": row["prompt"]}])  # a bare {"prompt": ...} row
             else:
                 histories.append(split_prompt(to_messages(row, None, where))[0])
-        outs = generate(ctx.model, ctx.tokenizer, ctx.template, histories,
-                        max_new_tokens=ctx.generation.max_new_tokens, batch_size=ctx.generation.batch_size)
+        outs = generate(
+            ctx.model,
+            ctx.tokenizer,
+            ctx.template,
+            histories,
+            max_new_tokens=ctx.generation.max_new_tokens,
+            batch_size=ctx.generation.batch_size,
+        )
         refused = [is_refusal(o["text"], phrases) for o in outs]
         return {"safe_prompt_refusal_rate": sum(refused) / len(refused), "safe_prompts": len(refused)}
 
@@ -120,10 +154,17 @@ def write_worst(path: Path, worst: list[dict], tag: str) -> Path:
     lines = [f"# Worst {len(worst)} examples of the {tag} model", ""]
     for rank, rec in enumerate(worst, start=1):
         flags = [k for k, v in rec["errors"].items() if v is True]
-        lines += [f"## {rank}. example {rec['index']}: {', '.join(flags) or 'not an exact match'} "
-                  f"(badness {rec['errors']['badness']})", "",
-                  f"**Prompt:** {rec['prompt']}", "", f"**Reference:** {rec['reference']}", "",
-                  f"**Output:** {rec['output']}", ""]
+        lines += [
+            f"## {rank}. example {rec['index']}: {', '.join(flags) or 'not an exact match'} "
+            f"(badness {rec['errors']['badness']})",
+            "",
+            f"**Prompt:** {rec['prompt']}",
+            "",
+            f"**Reference:** {rec['reference']}",
+            "",
+            f"**Output:** {rec['output']}",
+            "",
+        ]
         if rec.get("judge", {}).get("reason"):
             lines += [f"**Judge:** {rec['judge']['scores']} {rec['judge']['reason']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -77,16 +77,24 @@ class BenchmarkEval:
             from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager
         except ImportError:
-            raise SFTLabError("eval=benchmarks needs lm-evaluation-harness: pip install 'sftlab[bench]' "
-                              "(`make install` includes it).") from None
+            raise SFTLabError(
+                "eval=benchmarks needs lm-evaluation-harness: pip install 'sftlab[bench]' "
+                "(`make install` includes it)."
+            ) from None
         manager = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
         lm = HFLM(pretrained=unwrap(ctx.model), tokenizer=ctx.tokenizer, batch_size=self.batch_size)
         log.info("lm-eval on the %s model: %s", ctx.tag, ", ".join(self.tasks))
         was_training = ctx.model.training
         try:
-            out = simple_evaluate(model=lm, tasks=[task_config(t) for t in self.tasks],
-                                  num_fewshot=self.num_fewshot, limit=self.limit, task_manager=manager,
-                                  log_samples=False, bootstrap_iters=1000)
+            out = simple_evaluate(
+                model=lm,
+                tasks=[task_config(t) for t in self.tasks],
+                num_fewshot=self.num_fewshot,
+                limit=self.limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=1000,
+            )
         finally:
             ctx.model.train(was_training)
         if out is None:

@@ -67,19 +67,28 @@ def generate_ids(
         for start in range(0, len(prompts), batch_size):
             input_ids, attention = _left_pad(prompts[start : start + batch_size], pad, device)
             out = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=list(stops), pad_token_id=pad, use_cache=True,
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=list(stops),
+                pad_token_id=pad,
+                use_cache=True,
                 # the model's generation_config may carry sampling defaults; greedy must not warn or sample
-                temperature=None, top_p=None, top_k=None,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
             for row in out[:, input_ids.shape[1] :].tolist():
                 stop_at = next((i for i, t in enumerate(row) if t in stops), None)
                 text_ids = row if stop_at is None else row[:stop_at]
-                outputs.append({
-                    "text": tokenizer.decode(text_ids, skip_special_tokens=True),
-                    "stopped": stop_at is not None,
-                    "new_tokens": len(text_ids) + (stop_at is not None),
-                })
+                outputs.append(
+                    {
+                        "text": tokenizer.decode(text_ids, skip_special_tokens=True),
+                        "stopped": stop_at is not None,
+                        "new_tokens": len(text_ids) + (stop_at is not None),
+                    }
+                )
     finally:
         model.train(was_training)
     return outputs
@@ -96,8 +105,14 @@ def generate(
 ) -> list[dict]:
     """Greedy outputs for each conversation history, prompted exactly as in training."""
     prompts = [encode_prompt(h, template, tokenizer) for h in histories]
-    return generate_ids(model, tokenizer, prompts, stop_token_ids(template, tokenizer),
-                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        stop_token_ids(template, tokenizer),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
 
 
 def normalize(text: str) -> str:
@@ -121,17 +136,35 @@ class GenerationEval:
     compare_base: bool = True
     text_metrics: tuple[str, ...] = ("rougeL", "bleu", "chrf")
 
-    def generate_records(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                         template: ChatTemplate, conversations: Sequence[Sequence[dict]]) -> list[dict]:
+    def generate_records(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate,
+        conversations: Sequence[Sequence[dict]],
+    ) -> list[dict]:
         """One record per example: prompt, reference, output, stopped, new_tokens, exact_match."""
         convs = list(conversations)[: self.max_examples]
         histories, references = zip(*(split_prompt(c) for c in convs), strict=True)
-        outs = generate(model, tokenizer, template, histories, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.batch_size)
+        outs = generate(
+            model,
+            tokenizer,
+            template,
+            histories,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
         return [
-            {"index": i, "prompt": h[-1]["content"], "history": h, "reference": r, "output": o["text"],
-             "stopped": o["stopped"], "new_tokens": o["new_tokens"],
-             "exact_match": normalize(o["text"]) == normalize(r)}
+            {
+                "index": i,
+                "prompt": h[-1]["content"],
+                "history": h,
+                "reference": r,
+                "output": o["text"],
+                "stopped": o["stopped"],
+                "new_tokens": o["new_tokens"],
+                "exact_match": normalize(o["text"]) == normalize(r),
+            }
             for i, (h, r, o) in enumerate(zip(histories, references, outs, strict=True))
         ]
 

@@ -57,14 +57,28 @@ Reply with one JSON object and nothing else, like:
 {answer}"""
 
 
-def render_prompt(template: str, *, criteria: dict[str, str], scale: Sequence[int], question: str,
-                  reference: str, answer: str) -> str:
+def render_prompt(
+    template: str,
+    *,
+    criteria: dict[str, str],
+    scale: Sequence[int],
+    question: str,
+    reference: str,
+    answer: str,
+) -> str:
     """Fill the rubric's `{placeholders}` (plain replacement, so JSON braces in the template are safe)."""
-    example = json.dumps({**{k: scale[1] for k in criteria}, "unsupported_claims": False,
-                          "reason": "one sentence"})
-    values = {"lo": str(scale[0]), "hi": str(scale[1]), "example": example,
-              "criteria": "\n".join(f"- {k}: {v}" for k, v in criteria.items()),
-              "question": question, "reference": reference or "(none)", "answer": answer}
+    example = json.dumps(
+        {**{k: scale[1] for k in criteria}, "unsupported_claims": False, "reason": "one sentence"}
+    )
+    values = {
+        "lo": str(scale[0]),
+        "hi": str(scale[1]),
+        "example": example,
+        "criteria": "\n".join(f"- {k}: {v}" for k, v in criteria.items()),
+        "question": question,
+        "reference": reference or "(none)",
+        "answer": answer,
+    }
     for key, value in values.items():
         template = template.replace("{" + key + "}", value)
     return template
@@ -97,8 +111,12 @@ def parse_verdict(text: str, criteria: Sequence[str], scale: Sequence[int]) -> d
             scores[name] = float(value)
     flag = obj.get("unsupported_claims")
     error = f"no valid {scale[0]}-{scale[1]} score for {', '.join(missing)}" if missing else None
-    return {"scores": scores, "unsupported_claims": flag if isinstance(flag, bool) else None,
-            "reason": str(obj.get("reason", "")).strip(), "error": error}
+    return {
+        "scores": scores,
+        "unsupported_claims": flag if isinstance(flag, bool) else None,
+        "reason": str(obj.get("reason", "")).strip(),
+        "error": error,
+    }
 
 
 class HFJudge:
@@ -114,9 +132,10 @@ class HFJudge:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
         except OSError as err:
-            raise SFTLabError(f"eval.judge.model={path!r}: cannot load it as a local model ({err}). "
-                              "Point it at a Hugging Face directory or a .gguf file, or use backend=openai."
-                              ) from None
+            raise SFTLabError(
+                f"eval.judge.model={path!r}: cannot load it as a local model ({err}). "
+                "Point it at a Hugging Face directory or a .gguf file, or use backend=openai."
+            ) from None
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def encode(self, prompt: str) -> list[int]:
@@ -136,19 +155,34 @@ class HFJudge:
     def complete(self, prompts: Sequence[str]) -> list[str]:
         from sftlab.eval.generate import generate_ids
 
-        outs = generate_ids(self.model, self.tokenizer, [self.encode(p) for p in prompts], self.stop_ids(),
-                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        outs = generate_ids(
+            self.model,
+            self.tokenizer,
+            [self.encode(p) for p in prompts],
+            self.stop_ids(),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
         return [o["text"] for o in outs]
 
 
 class OpenAIJudge:
     """Any OpenAI-compatible chat endpoint, over plain HTTP (no client library needed), temperature 0."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
-                 max_new_tokens: int = 128, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        max_new_tokens: int = 128,
+        timeout_s: float = 120.0,
+    ):
         if not base_url:
-            raise ConfigError("eval.judge.base_url: required with eval.judge.backend=openai, "
-                              "e.g. http://127.0.0.1:8000/v1 (sftlab-serve) or https://api.openai.com/v1.")
+            raise ConfigError(
+                "eval.judge.base_url: required with eval.judge.backend=openai, "
+                "e.g. http://127.0.0.1:8000/v1 (sftlab-serve) or https://api.openai.com/v1."
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.max_new_tokens, self.timeout_s = model, max_new_tokens, timeout_s
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -156,8 +190,14 @@ class OpenAIJudge:
             log.info("Judge: $%s is not set; calling %s without an API key.", api_key_env, self.url)
 
     def complete_one(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": self.max_new_tokens}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "max_tokens": self.max_new_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -169,8 +209,9 @@ class OpenAIJudge:
             detail = err.read().decode(errors="replace")[:300]
             raise SFTLabError(f"eval.judge: {self.url} answered HTTP {err.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError) as err:
-            raise SFTLabError(f"eval.judge.base_url: cannot reach {self.url} ({err}). "
-                              "Is the server running?") from None
+            raise SFTLabError(
+                f"eval.judge.base_url: cannot reach {self.url} ({err}). Is the server running?"
+            ) from None
         return reply["choices"][0]["message"]["content"] or ""
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
@@ -208,17 +249,34 @@ class JudgeEval:
         """Built on first use and kept: the base and the tuned model are judged by the same loaded judge."""
         if self._client is None:
             if self.backend == "hf":
-                self._client = HFJudge(self.model, dtype=self.dtype, max_new_tokens=self.max_new_tokens,
-                                       batch_size=self.batch_size)
+                self._client = HFJudge(
+                    self.model,
+                    dtype=self.dtype,
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                )
             else:
-                self._client = OpenAIJudge(self.base_url, self.model, api_key_env=self.api_key_env,
-                                           max_new_tokens=self.max_new_tokens, timeout_s=self.timeout_s)
+                self._client = OpenAIJudge(
+                    self.base_url,
+                    self.model,
+                    api_key_env=self.api_key_env,
+                    max_new_tokens=self.max_new_tokens,
+                    timeout_s=self.timeout_s,
+                )
         return self._client
 
     def prompts(self, records: Sequence[dict]) -> list[str]:
-        return [render_prompt(self.prompt or DEFAULT_PROMPT, criteria=self.criteria, scale=self.scale,
-                              question=r["prompt"], reference=r.get("reference", ""), answer=r["output"])
-                for r in records]
+        return [
+            render_prompt(
+                self.prompt or DEFAULT_PROMPT,
+                criteria=self.criteria,
+                scale=self.scale,
+                question=r["prompt"],
+                reference=r.get("reference", ""),
+                answer=r["output"],
+            )
+            for r in records
+        ]
 
     def judge_records(self, records: Sequence[dict]) -> list[dict]:
         """Judge each record; the verdict (scores, flag, reason, raw reply, error) goes to rec["judge"]."""
@@ -238,8 +296,10 @@ def aggregate(verdicts: Sequence[dict], criteria: Sequence[str]) -> dict[str, An
     ok = [v for v in verdicts if v["error"] is None]
     out: dict[str, Any] = {"n": len(verdicts), "parse_failures": len(verdicts) - len(ok)}
     if not ok:
-        log.warning("Judge: none of %d replies gave valid scores; see eval/generations.jsonl (judge.raw).",
-                    len(verdicts))
+        log.warning(
+            "Judge: none of %d replies gave valid scores; see eval/generations.jsonl (judge.raw).",
+            len(verdicts),
+        )
         return out
     for name in criteria:
         values = [v["scores"][name] for v in ok]

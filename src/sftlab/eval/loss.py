@@ -54,5 +54,9 @@ class LossEval:
         finally:
             ctx.model.train(was_training)
         loss = total / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": count,
-                "n": len(examples)}
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "target_tokens": count,
+            "n": len(examples),
+        }

@@ -31,15 +31,17 @@ def _one(name: str, preds: list[str], refs: list[str]) -> float:
     return float(chrf_score(preds, [[r] for r in refs], n_word_order=0))
 
 
-def corpus_text_metrics(preds: Sequence[str], refs: Sequence[str],
-                        names: Sequence[str] = TEXT_METRICS) -> dict:
+def corpus_text_metrics(
+    preds: Sequence[str], refs: Sequence[str], names: Sequence[str] = TEXT_METRICS
+) -> dict:
     """Corpus-level scores (ROUGE-L is the mean over examples, BLEU and chrF pool n-gram counts)."""
     _check(names)
     return {name: _one(name, list(preds), list(refs)) for name in names}
 
 
-def per_example_text_metrics(preds: Sequence[str], refs: Sequence[str],
-                             names: Sequence[str] = TEXT_METRICS) -> list[dict]:
+def per_example_text_metrics(
+    preds: Sequence[str], refs: Sequence[str], names: Sequence[str] = TEXT_METRICS
+) -> list[dict]:
     """The same scores per example, to rank the worst examples (no BLEU: per sentence it is noise)."""
     _check(names)
     keep = [n for n in names if n != "bleu"]

@@ -74,11 +74,16 @@ class LoRA:
     def lora_config(self, trainable_token_indices: dict[str, list[int]] | None = None) -> LoraConfig:
         target = self.target_modules
         return LoraConfig(
-            r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
             target_modules=target if isinstance(target, str) else list(target),
             modules_to_save=list(self.modules_to_save) if self.modules_to_save else None,
             trainable_token_indices=trainable_token_indices,
-            use_dora=self.use_dora, use_rslora=self.use_rslora, bias=self.bias, task_type="CAUSAL_LM",
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            bias=self.bias,
+            task_type="CAUSAL_LM",
         )
 
     def prepare(self, model: PreTrainedModel) -> PreTrainedModel:

@@ -267,7 +267,12 @@ def report_quantization(model: PreTrainedModel) -> tuple[int, int]:
             plain.append(name)
     if plain:
         kind = type(model.get_submodule(plain[0])).__name__
-        log.warning("Quantization left %d of %d linear layers in full precision (e.g. %s, a %s): this "
-                    "architecture's linear class is not swapped by transformers' bitsandbytes integration.",
-                    len(plain), len(plain) + quantized, plain[0], kind)
+        log.warning(
+            "Quantization left %d of %d linear layers in full precision (e.g. %s, a %s): this "
+            "architecture's linear class is not swapped by transformers' bitsandbytes integration.",
+            len(plain),
+            len(plain) + quantized,
+            plain[0],
+            kind,
+        )
     return quantized, len(plain)

@@ -32,8 +32,13 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]
         tokenizer.add_tokens(missing, special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(wanted)
     if wanted:
-        log.info("Special tokens: %d listed, %d already in the vocabulary, %d added; rows to train: %s",
-                 len(wanted), len(wanted) - len(missing), len(missing), dict(zip(wanted, ids, strict=True)))
+        log.info(
+            "Special tokens: %d listed, %d already in the vocabulary, %d added; rows to train: %s",
+            len(wanted),
+            len(wanted) - len(missing),
+            len(missing),
+            dict(zip(wanted, ids, strict=True)),
+        )
     return list(ids)
 
 
