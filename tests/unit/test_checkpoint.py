@@ -55,6 +55,20 @@ def _small_data(tmp_path, n_train=24, n_val=8) -> list[str]:
     ]
 
 
+def _quiet_trainer(callbacks: list, **kwargs) -> pl.Trainer:
+    """A CPU Trainer with sftlab's atomic checkpoint IO and no logger, progress bar or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
+
+
 # ---- atomic writes ---------------------------------------------------------------------------------------
 def test_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
     io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
@@ -152,17 +166,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(
         LoRA().apply(load_model(tiny_cfg.model, tiny_model_dir)), optimizer=instantiate(cfg.optimizer)
     )
     callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        val_check_interval=2,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+    trainer = _quiet_trainer(callbacks, max_epochs=1, val_check_interval=2)
     last = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(NonFiniteLossError, match=f"at optimizer step 4 .*resume={last}"):
         trainer.fit(module, datamodule=dm)
@@ -184,15 +188,7 @@ def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path
     model = instantiate(cfg.adapter, _convert_="all").apply(load_model(cfg.model, source))
     module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     callbacks = [instantiate(cfg.callbacks.model_checkpoint), instantiate(cfg.callbacks.last_checkpoint)]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+    trainer = _quiet_trainer(callbacks, max_steps=1)
     trainer.fit(module, datamodule=dm)
     best = next((tmp_path / "checkpoints").glob("step*.ckpt")).stat().st_size
     last = (tmp_path / "checkpoints" / "last.ckpt").stat().st_size
@@ -229,17 +225,7 @@ def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_ba
         instantiate(cfg.callbacks.last_checkpoint),
         instantiate(cfg.callbacks.early_stopping),
     ]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        val_check_interval=2,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+    trainer = _quiet_trainer(callbacks, max_epochs=1, val_check_interval=2)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 6  # 12 steps in the epoch; validations at 2 (best), 4, 6: stop
     best = torch.load(best_cb.best_model_path, weights_only=True)
