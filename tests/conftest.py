@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Before anything imports transformers / huggingface_hub, which read these once at import time.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -19,6 +20,33 @@ from omegaconf import DictConfig, OmegaConf
 from sftlab.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+ISO_DATA = ROOT / "src/sftlab/resources/iso_dates"
+
+
+def small_iso_data(folder: Path, n_train: int = 24, n_val: int = 8) -> list[str]:
+    """The first rows of the bundled ISO-date train and val files, copied into `folder`; returns the data
+    overrides that select them (no test split)."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        lines = (ISO_DATA / f"{split}.jsonl").read_text().splitlines()[:n]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return [
+        f"data.train_path={folder / 'train.jsonl'}",
+        f"data.val_path={folder / 'val.jsonl'}",
+        "data.test_path=null",
+    ]
+
+
+def tiny_train_command(run_dir: Path, *overrides: str) -> list[str]:
+    """`python train.py` (run from ROOT) on the tiny random model on CPU, CSV metrics only, into `run_dir`."""
+    return [
+        sys.executable,
+        "train.py",
+        "model=tiny_random",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | str | None = None) -> DictConfig:

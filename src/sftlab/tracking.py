@@ -13,6 +13,7 @@ use it to check each job's config, and it lets a user look into a run before `wa
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -29,7 +30,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from sftlab.redact import redact
 
@@ -132,6 +136,58 @@ class SafeWandbLogger(WandbLogger):
         self.guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
 
 
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; this one keeps it (and its
+    header, so later rows line up) for `ResumableCSVLogger` to cut back."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose csv/metrics.csv survives `resume`.
+
+    Lightning's CSVLogger deletes metrics.csv whenever it starts in a directory that has one, so a resumed run
+    kept only the rows logged after the restart (and `sftlab-report` drew half a curve). Here the file stays:
+    `sftlab.tracking_callbacks.CSVResume` stores in every checkpoint how many rows the file had, and when
+    training starts it cuts the file back to that count (the replayed steps log the rest again), or to zero
+    for a fresh run in an old directory, which is what Lightning's logger gives.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def flushed_rows(self) -> int:
+        """Write out the buffered rows; the number of rows metrics.csv then holds."""
+        self.save()
+        return len(self._read()[1])
+
+    def keep_rows(self, n: int) -> None:
+        """Cut metrics.csv back to its first `n` rows (rows still buffered are not touched)."""
+        header, rows = self._read()
+        if len(rows) <= n:
+            return
+        with self._fs.open(self.experiment.metrics_file_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows[:n])
+
+    def _read(self) -> tuple[list[str], list[dict]]:
+        path = self.experiment.metrics_file_path
+        if not self._fs.isfile(path):
+            return [], []
+        with self._fs.open(path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+
 def _guarded(wb: WandbLogger, what: str, fn: Any) -> None:
     """Run a W&B call through SafeWandbLogger's guard (a plain WandbLogger, if configured, may raise)."""
     if isinstance(wb, SafeWandbLogger):
@@ -164,7 +220,7 @@ def finish(loggers: list[Logger]) -> str | None:
     beside the checkpoints Lightning uploads.
     """
     wb = wandb_of(loggers)
-    if wb is None:
+    if wb is None or rank_zero_only.rank != 0:  # DDP: the other ranks hold no W&B run
         return None
     import wandb
 

@@ -1,7 +1,7 @@
-"""Callbacks that feed experiment tracking: sample generations as a W&B table, peak memory.
+"""Callbacks that feed experiment tracking: sample generations as a W&B table, peak memory, CSV resume.
 
 They come with the logger choice (conf/logger/*.yaml adds them to `callbacks`), so `logger=csv` runs carry no
-W&B-only work. Both run on rank zero only and never change training.
+W&B-only work. They act on rank zero only and never change training.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from sftlab.eval.generate import generate, split_prompt
-from sftlab.tracking import wandb_of
+from sftlab.tracking import ResumableCSVLogger, wandb_of
 
 SAMPLE_COLUMNS = ["step", "prompt", "reference", "output"]
 
@@ -76,3 +76,28 @@ class PeakMemory(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log("perf/peak_memory_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
+
+
+class CSVResume(pl.Callback):
+    """Keeps csv/metrics.csv whole across `resume` (with `ResumableCSVLogger`): each checkpoint records how
+    many rows the file had when it was written; when training starts the file is cut back to that many (the
+    steps after it are replayed and log their rows again). A run that does not resume starts it empty."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.is_global_zero:
+            checkpoint["csv_rows"] = sum(lg.flushed_rows() for lg in _csv_loggers(trainer))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        self.rows = checkpoint.get("csv_rows", 0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for lg in _csv_loggers(trainer):
+                lg.keep_rows(self.rows)
+
+
+def _csv_loggers(trainer: pl.Trainer) -> list[ResumableCSVLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]

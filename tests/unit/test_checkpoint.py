@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from sftlab.errors import ConfigError
 from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model, model_source
 from sftlab.module import NonFiniteLossError, SFTModule
-from tests.conftest import ROOT, compose_cfg
-from tests.unit.test_resume import DATA
+from tests.conftest import ROOT, compose_cfg, small_iso_data, tiny_train_command
 
 
 class Unpicklable:
@@ -42,17 +40,6 @@ class KillDuringSecondSave(pl.Callback):
 class _Bomb:
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _small_data(tmp_path, n_train=24, n_val=8) -> list[str]:
-    for split, n in (("train", n_train), ("val", n_val)):
-        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
-        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return [
-        f"data.train_path={tmp_path / 'train.jsonl'}",
-        f"data.val_path={tmp_path / 'val.jsonl'}",
-        "data.test_path=null",
-    ]
 
 
 def _quiet_trainer(callbacks: list, **kwargs) -> pl.Trainer:
@@ -84,20 +71,15 @@ def killed_during_save(tmp_path_factory):
     """train.py on the tiny model, validation + checkpoints every 2 steps, SIGKILLed writing the second."""
     tmp = tmp_path_factory.mktemp("killed")
     run_dir = tmp / "run"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "model=tiny_random",
-        "logger=csv",
+    cmd = tiny_train_command(
+        run_dir,
         "eval=none",
-        *_small_data(tmp),
+        *small_iso_data(tmp),
         "data.batch_size=4",
-        "trainer.accelerator=cpu",
         "trainer.max_epochs=1",
         "trainer.val_check_interval=2",
-        f"hydra.run.dir={run_dir}",
         "+callbacks.bomb._target_=tests.unit.test_checkpoint.KillDuringSecondSave",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
     return run_dir
@@ -158,7 +140,7 @@ class PoisonedAt(SFTModule):
 def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(
     tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
 ):
-    data = _small_data(tmp_path)
+    data = small_iso_data(tmp_path)
     cfg = compose_cfg(["model=tiny_random", *data], output_dir=tmp_path)
     dm = instantiate(cfg.data, _partial_=True, batch_size=4)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
@@ -180,7 +162,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_checkpoint(
 @pytest.mark.slow
 def test_default_run_checkpoints_are_a_small_fraction_of_the_base_model(tmp_path, tokenizer, chatml):
     """SmolLM2-135M + the default LoRA (r=16, all linear layers), one real optimizer step, real callbacks."""
-    cfg = compose_cfg(_small_data(tmp_path, n_train=8, n_val=8), output_dir=tmp_path)
+    cfg = compose_cfg(small_iso_data(tmp_path, n_train=8, n_val=8), output_dir=tmp_path)
     source = model_source(cfg.model)
     base_bytes = sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
     dm = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, template=chatml)
@@ -208,7 +190,7 @@ def test_early_stopping_uses_patience_and_min_delta_and_the_best_weights_come_ba
 
     overrides = [
         "model=tiny_random",
-        *_small_data(tmp_path),
+        *small_iso_data(tmp_path),
         "callbacks.early_stopping.patience=2",
         "callbacks.early_stopping.min_delta=100",
     ]
@@ -249,7 +231,8 @@ def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(
     tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
 ):
     """val_check_interval=3 micro-batches with accumulation 2 would validate and save after 1.5 steps."""
-    cfg = compose_cfg(["model=tiny_random", *_small_data(tmp_path, n_train=12, n_val=2)], output_dir=tmp_path)
+    data = small_iso_data(tmp_path, n_train=12, n_val=2)
+    cfg = compose_cfg(["model=tiny_random", *data], output_dir=tmp_path)
     dm = instantiate(cfg.data, _partial_=True, batch_size=1)(tokenizer=tokenizer, template=chatml)
     dm.setup("fit")
     module = SFTModule(

@@ -15,20 +15,18 @@ position is checked on both.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
-
-DATA = ROOT / "src/sftlab/resources/iso_dates"
+from tests.conftest import ROOT, small_iso_data, tiny_train_command
 
 
 class RecordBatches(pl.Callback):
@@ -62,37 +60,21 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _data(tmp: Path) -> list[str]:
-    for split, n in (("train", 24), ("val", 8)):
-        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
-        (tmp / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return [
-        f"data.train_path={tmp / 'train.jsonl'}",
-        f"data.val_path={tmp / 'val.jsonl'}",
-        "data.test_path=null",
-    ]
-
-
 def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[str]) -> list[str]:
-    cmd = [
-        sys.executable,
-        "train.py",
-        "model=tiny_random",
-        "logger=csv",
+    cmd = tiny_train_command(
+        run_dir,
         "eval=none",
         *data,
         "data.batch_size=4",
-        "trainer.accelerator=cpu",
         "trainer.precision=32",
         "trainer.max_epochs=2",
         "trainer.val_check_interval=2",
         *extra,
         "callbacks.early_stopping.patience=100",
         "resume=auto",
-        f"hydra.run.dir={run_dir}",
         "+callbacks.record._target_=tests.unit.test_resume.RecordBatches",
         f"+callbacks.record.path={run_dir / 'batches.jsonl'}",
-    ]
+    )
     if kill_at is not None:
         cmd += ["+callbacks.kill._target_=tests.unit.test_resume.KillAt", f"+callbacks.kill.step={kill_at}"]
     return cmd
@@ -120,8 +102,15 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "batches.jsonl").read_text().splitlines()]
 
 
+def _csv_rows(run_dir: Path) -> list[dict]:
+    """csv/metrics.csv without the columns that differ from run to run."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        skip = ("_per_s", "_mb")  # throughput and peak memory
+        return [{k: v for k, v in row.items() if not k.endswith(skip)} for row in csv.DictReader(f)]
+
+
 def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
-    data = _data(tmp_path)
+    data = small_iso_data(tmp_path)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference = _start(ref_dir, data)  # runs beside the interrupted chain (two CPU cores)
     resumed_from = []
@@ -162,3 +151,9 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
         assert torch.equal(tensor, got_last["state_dict"][name]), name
     ref_lr = ref_last["lr_schedulers"][0]["_last_lr"]
     assert ref_lr == got_last["lr_schedulers"][0]["_last_lr"]
+    # The metrics file of the twice-killed run is the uninterrupted one's, row for row: nothing from before a
+    # restart lost (Lightning's CSVLogger deletes the file), nothing replayed logged twice.
+    ref_rows = _csv_rows(ref_dir)
+    # Six validations, and train loss and learning rate every 5 steps (log_every_n_steps): 10 rows.
+    assert [bool(r["val/loss"]) for r in ref_rows].count(True) == 6 and len(ref_rows) == 10
+    assert _csv_rows(run_dir) == ref_rows

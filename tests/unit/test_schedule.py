@@ -11,8 +11,7 @@ from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model
 from sftlab.module import SFTModule
 from sftlab.optim import lr_factor, warmup_schedule, warmup_steps
-from tests.conftest import compose_cfg
-from tests.unit.test_resume import DATA
+from tests.conftest import ISO_DATA, compose_cfg
 
 
 @pytest.mark.parametrize(
@@ -67,7 +66,7 @@ def test_schedule_spans_exactly_the_run_with_accumulation(
     tmp_path, tiny_cfg, tiny_model_dir, tokenizer, chatml
 ):
     """20 examples, micro-batch 2, accumulation 2, 2 epochs: 10 steps, from estimated_stepping_batches."""
-    lines = (DATA / "train.jsonl").read_text().splitlines()[:20]
+    lines = (ISO_DATA / "train.jsonl").read_text().splitlines()[:20]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     cfg = compose_cfg(
         ["model=tiny_random", "optimizer=sgd", "scheduler=linear", "scheduler.warmup=0.2"],
