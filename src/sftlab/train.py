@@ -7,6 +7,7 @@ loss so Hydra sweepers (Optuna) can minimize it.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from sftlab import artifacts, console, tracking
 from sftlab.callbacks import resolve_resume
@@ -48,12 +50,15 @@ def resolve_precision(precision: str | int) -> str | int:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
+def is_rank_zero() -> bool:
+    """Under DDP Lightning starts the other ranks by running this same command; they load and train, but only
+    rank 0 writes the run directory and evaluates. The rank comes from the environment, known at import."""
+    return rank_zero_only.rank == 0
+
+
 def evaluate(suite: EvalSuite | None, model: torch.nn.Module, tag: str) -> dict:
     """Run the chosen `eval` options on `model` as `tag`; all results so far: {"base": ..., "tuned": ...}."""
-    if suite is None:
-        return {}
-    log.info("Evaluating the %s model: %s", tag, ", ".join(suite.evaluators))
-    return suite.run(model, tag)
+    return {} if suite is None else suite.run(model, tag)  # the suite logs each evaluator as it starts
 
 
 def preflight(cfg: DictConfig, run_dir: Path) -> str:
@@ -88,17 +93,18 @@ def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
 def run(cfg: DictConfig) -> float:
     started, run_dir = time.time(), Path(cfg.paths.output_dir)
     source = preflight(cfg, run_dir)
-    console.print_config(cfg)
-    artifacts.write_config(run_dir, cfg)
+    if is_rank_zero():
+        console.print_config(cfg)
+        artifacts.write_config(run_dir, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer, template, datamodule, new_token_ids = build_data(cfg, source)
+    suite = build_suite(cfg.get("eval"), tokenizer, template, datamodule.splits, run_dir / "eval")
 
     log.info("Instantiating model <%s> with adapter <%s>", source, cfg.adapter._target_)
     adapter = instantiate(cfg.adapter, _convert_="all")
     model = load_model(cfg.model, source, quantization_config=adapter.quantization_config())
     fit_embeddings(model, tokenizer)
-    suite = build_suite(cfg.get("eval"), tokenizer, template, datamodule.splits, run_dir / "eval")
-    evals = evaluate(suite, model, "base") if suite is not None and suite.compare_base else {}
+    evals = evaluate(suite, model, "base") if is_rank_zero() and suite and suite.compare_base else {}
     model = adapter.apply(model, new_token_ids=new_token_ids)
     trainable, total = trainable_parameters(model)
     params = {"trainable": trainable, "total": total}
@@ -128,6 +134,8 @@ def run(cfg: DictConfig) -> float:
             ckpt_path=resolve_resume(cfg.get("resume"), run_dir),
             weights_only=True,
         )
+        if not trainer.is_global_zero:
+            return math.nan  # the other DDP ranks are done: rank 0 saves, evaluates and reports
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         artifacts.restore_best(module, best_path)
         log.info("Saved %s", artifacts.save_model(run_dir, module.model, tokenizer, template))

@@ -7,53 +7,34 @@ dropout is off: each rank draws its own dropout masks, which no single process c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sftlab.data.sampler import StepPlanSampler
-from tests.conftest import ROOT
-from tests.unit.test_resume import DATA
+from tests.conftest import ROOT, small_iso_data, tiny_train_command
 
 
-def _run(run_dir, train, val, extra: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "train.py",
-        "model=tiny_random",
-        "logger=csv",
-        "eval=none",
-        "data.test_path=null",
-        f"data.train_path={train}",
-        f"data.val_path={val}",
-        "adapter.lora_dropout=0.0",
-        "trainer.accelerator=cpu",
-        "trainer.precision=32",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+def _run(run_dir, extra: list[str]) -> None:
+    cmd = tiny_train_command(
+        run_dir, "adapter.lora_dropout=0.0", "trainer.precision=32", "trainer.max_epochs=1", *extra
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    for split, n in (("train", 12), ("val", 4)):
-        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
-        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    _run(tmp_path / "single", train, val, ["data.batch_size=4"])
-    _run(
-        tmp_path / "ddp",
-        train,
-        val,
-        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"],
-    )
+    data = small_iso_data(tmp_path, n_train=12, n_val=4)
+    _run(tmp_path / "single", [*data, "data.batch_size=4", "eval=none"])
+    ddp_options = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    evaluation = ["eval=generate", "eval.generate.max_new_tokens=4"]
+    with_test = [*data[:-1], f"data.test_path={tmp_path / 'val.jsonl'}"]  # data[-1]: data.test_path=null
+    _run(tmp_path / "ddp", [*with_test, *ddp_options, *evaluation])
 
     single = torch.load(tmp_path / "single/checkpoints/last.ckpt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", weights_only=True)
@@ -67,17 +48,28 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for name in ref:
         assert torch.allclose(ref[name], got[name], rtol=1e-5, atol=1e-7), name
 
+    # Lightning started rank 1 by running the same command (its log: train_ddp_process_1.log). It trained,
+    # but only rank 0 evaluated, saved and reported.
+    logs = ("train.log", "train_ddp_process_1.log")
+    rank0, rank1 = ((tmp_path / "ddp" / name).read_text() for name in logs)
+    assert "Parameters:" in rank1 and "Evaluating" not in rank1 and "Saved" not in rank1
+    assert rank0.count("Evaluating the base model") == rank0.count("Evaluating the tuned model") == 1
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"base", "tuned"}
+
 
 @pytest.mark.parametrize("n", [1, 5, 12, 13, 17, 31])
 @pytest.mark.parametrize(
     ("batch_size", "accumulate", "world_size"), [(2, 1, 2), (2, 2, 2), (3, 2, 4), (1, 4, 3)]
 )
-def test_every_rank_gets_the_same_micro_batches_per_step(n, batch_size, accumulate, world_size):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_rank_gets_the_same_micro_batches_per_step(n, batch_size, accumulate, world_size, grouped):
     """Unequal micro-batch counts would hang DDP; every example is trained once per epoch (a final step with
-    fewer examples than ranks is left out and logged)."""
+    fewer examples than ranks is left out and logged). The same with length-grouped batches."""
     targets = [(i * 7) % 11 + 1 for i in range(n)]
+    lengths = [t + (i * 13) % 17 for i, t in enumerate(targets)] if grouped else None
     plans = [
-        StepPlanSampler(targets, batch_size, accumulate, world_size, rank, seed=3)
+        StepPlanSampler(targets, batch_size, accumulate, world_size, rank, seed=3, lengths=lengths)
         for rank in range(world_size)
     ]
     for p in plans:

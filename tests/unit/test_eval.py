@@ -171,3 +171,14 @@ def test_generations_without_generate_follow_the_judge_limit(tokenizer, chatml):
     evaluators = {"judge": JudgeEval(max_examples=7), "error_analysis": ErrorAnalysis()}
     both = EvalSuite(evaluators, tokenizer, chatml, {}, "/tmp/x")
     assert both.generation.max_examples is None
+
+
+def test_generating_evals_on_plain_text_documents_are_refused_before_evaluation(tokenizer, chatml):
+    from sftlab.eval.judge import JudgeEval
+    from sftlab.eval.loss import LossEval
+
+    documents = {"test": SimpleNamespace(examples=[], rows=["A document.", "Another one."])}
+    for evaluators in ({"generate": GenerationEval()}, {"loss": LossEval(), "judge": JudgeEval()}):
+        with pytest.raises(ConfigError, match=r"eval=(generate|judge) answers the prompts of the 'test'"):
+            EvalSuite(evaluators, tokenizer, chatml, documents, "/tmp/x")
+    EvalSuite({"loss": LossEval()}, tokenizer, chatml, documents, "/tmp/x")  # loss needs no prompt

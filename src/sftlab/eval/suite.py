@@ -129,6 +129,19 @@ class EvalSuite:
         self.generation = gen[0] if gen else self._default_generation(evaluators)
         self.results: dict[str, dict[str, Any]] = {}
         self.records: dict[str, list[dict]] = {}
+        self._check_prompts()
+
+    def _check_prompts(self) -> None:
+        """Generation answers each row's prompt; plain-text documents (data.format=text) have none. Said here,
+        before the base model is evaluated, not after training."""
+        generating = [n for n, e in self.evaluators.items() if STAGES.get(type(e).__name__) in (1, 2, 3)]
+        split = self.splits.get(self.generation.split)
+        if generating and split is not None and any(isinstance(row, str) for row in split.rows):
+            raise ConfigError(
+                f"eval={','.join(generating)} answers the prompts of the {self.generation.split!r} split, "
+                "but its rows are plain-text documents (data.format=text) with no prompt to answer. Choose "
+                "eval=loss (loss and perplexity on the val split), eval=benchmarks or eval=none."
+            )
 
     @staticmethod
     def _default_generation(evaluators: dict[str, Evaluator]) -> GenerationEval:
