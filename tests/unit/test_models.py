@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from sftlab.errors import ConfigError, SFTLabError
 from sftlab.model.load import (
@@ -111,6 +112,17 @@ def test_tiny_model_of_each_family_trains_two_steps(family, adapter):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
     assert len(moved) == len(before)
+
+
+def test_random_model_is_built_and_saved_in_the_configured_dtype():
+    """A 7B-shaped random model (sftlab-bench --gpu-7b) in bf16 is 14 GB to build and save, not fp32's 28."""
+    source = model_source(compose_cfg(["model=tiny_random", "model.dtype=bfloat16"]).model)
+    weights = load_file(Path(source) / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    fp32 = model_source(compose_cfg(["model=tiny_random"]).model)
+    assert fp32 != source and {t.dtype for t in load_file(Path(fp32) / "model.safetensors").values()} == {
+        torch.float32
+    }
 
 
 def test_max_length_beyond_the_context_is_refused():
