@@ -149,3 +149,26 @@ def test_length_grouped_order_is_a_seeded_permutation_with_similar_lengths_per_b
         for i in range(0, 400, 8)
     ]
     assert sum(spread) / len(spread) < 10  # random batches of these lengths spread over ~80
+
+
+def test_group_by_length_cuts_padding_and_still_trains_every_example_once(tokenizer, chatml, tmp_path):
+    """data.group_by_length: the varied-length bench set (5 to 230 tokens) in batches of 8, one epoch."""
+    from sftlab.bench.data import varied_conversations, write_jsonl
+    from sftlab.data.datamodule import SFTDataModule
+
+    path = write_jsonl(varied_conversations(400, seed=1), tmp_path / "varied.jsonl")
+
+    def epoch(group: bool, number: int) -> tuple[float, list[int]]:
+        dm = SFTDataModule(tokenizer, chatml, str(path), group_by_length=group, cache_dir=None)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        dm.sampler.set_epoch(number)
+        batches = list(loader)
+        mask = [b["attention_mask"] for b in batches]
+        order = [i for b in batches for i in b["index"].tolist()]
+        assert sorted(order) == list(range(400))
+        return sum(int(m.sum()) for m in mask) / sum(m.numel() for m in mask), order
+
+    (plain, _), (grouped, order0), (_, order1) = epoch(False, 0), epoch(True, 0), epoch(True, 1)
+    assert plain < 0.75 and grouped > 0.95
+    assert order0 != order1  # reshuffled every epoch

@@ -149,6 +149,12 @@ def render(result: dict) -> str:
             f"data preparation: {prep['rows']} alpaca rows in {prep['seconds']:.2f} s = "
             f"{prep['rows_per_s']:.0f} rows/s; cached reload {_fmt(prep.get('reload_s'), '.3f')} s",
         ]
+        if prep.get("tokenizer_s"):
+            lines.append(
+                f"  of which the tokenizer alone: {prep['tokens']} tokens in {prep['tokenizer_s']:.2f} s = "
+                f"{prep['tokens'] / prep['tokenizer_s'] / 1e6:.2f} M tokens/s, a ceiling of "
+                f"{prep['tokenizer_rows_per_s']:.0f} rows/s"
+            )
     first = result.get("first_step")
     if first:
         lines.append(

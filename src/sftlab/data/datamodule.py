@@ -379,6 +379,7 @@ class SFTDataModule(pl.LightningDataModule):
         dedupe: bool = False,
         cache_dir: str | None = None,
         shuffle: bool = True,
+        group_by_length: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -396,6 +397,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.packing, self.on_error, self.max_drop_ratio = packing, on_error, max_drop_ratio
         self.val_fraction, self.dedupe, self.cache_dir = val_fraction, dedupe, cache_dir
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
+        self.group_by_length = group_by_length
         self._check_settings()
         self.splits: dict[str, SplitData] = {}
         self.sampler: StepPlanSampler | None = None
@@ -517,7 +519,7 @@ class SFTDataModule(pl.LightningDataModule):
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=collate_fn, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+        trainer, examples = self.trainer, self.splits["train"].examples
         self.sampler = StepPlanSampler(
             self.splits["train"].num_targets,
             batch_size=self.batch_size,
@@ -526,6 +528,7 @@ class SFTDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             shuffle=self.shuffle,
             seed=self.seed,
+            lengths=[len(ex.input_ids) for ex in examples] if self.group_by_length else None,
         )
         resume = getattr(self, "_resume_state", None)
         if resume:  # set by load_state_dict when Lightning restores a checkpoint
@@ -536,9 +539,7 @@ class SFTDataModule(pl.LightningDataModule):
         # Own generator: creating the loader iterator then draws nothing from the global torch RNG, so a
         # resumed run (which creates it mid-epoch) keeps the same dropout stream as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            _Examples(self.splits["train"].examples), batch_sampler=self.sampler, generator=generator
-        )
+        return self._loader(_Examples(examples), batch_sampler=self.sampler, generator=generator)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: where the train sample stream stands, for an exact mid-epoch resume.

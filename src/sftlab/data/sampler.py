@@ -11,6 +11,11 @@ is cut into `world_size * k` micro-batches as evenly as possible. When the final
 ranks, those few examples (at most `world_size - 1`, different ones each epoch when shuffling) are left out of
 that epoch and reported in the log, as `drop_last` would do, instead of padding with repeated examples.
 
+`lengths` (data.group_by_length): the per-epoch permutation is length-grouped (`packing.length_grouped_order`,
+as HF's group_by_length): seeded mega-batches of 50 micro-batches, each sorted longest first, so a micro-batch
+holds examples of similar length and right-padding wastes little, without packing. The step plan and its
+target counts are built on that order exactly as on a plain shuffle.
+
 Micro-batch k of an epoch belongs to step k // accumulate, matching Lightning's accumulation boundaries
 (`batch_idx % accumulate_grad_batches`, and the last batch of the epoch closes the step).
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
+
+from sftlab.data.packing import length_grouped_order
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,10 @@ class StepPlanSampler:
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         self.num_targets = list(num_targets)
+        self.lengths = None if lengths is None else list(lengths)
         self.batch_size, self.accumulate = batch_size, accumulate
         self.world_size, self.rank = world_size, rank
         self.shuffle, self.seed = shuffle, seed
@@ -83,6 +92,8 @@ class StepPlanSampler:
         self._resume = (epoch, consumed)
 
     def _order(self) -> list[int]:
+        if self.shuffle and self.lengths is not None:
+            return length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch)
         order = list(range(len(self.num_targets)))
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(order)
