@@ -60,6 +60,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "scheduler.warmup": (lambda v: isinstance(v, int | float) and v >= 0, "a number >= 0 (< 1: a fraction)"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),

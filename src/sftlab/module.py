@@ -52,14 +52,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def token_loss_sum(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
+    decoder: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over target positions, number of target positions)."""
+    """(sum of next-token cross-entropy over target positions, number of target positions). `decoder`: a
+    compiled forward of the model's decoder to run instead of the eager one."""
     lm = unwrap(model)
     # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
     # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
     # attention never lets a real token see it; it only needs its label -100. See data/packing.py.
     packed = "position_ids" in batch
-    hidden = lm.get_decoder()(
+    hidden = (decoder or lm.get_decoder())(
         input_ids=batch["input_ids"],
         attention_mask=None if packed else batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
@@ -121,6 +123,7 @@ class SFTModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         gradient_checkpointing: bool | str = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -130,6 +133,10 @@ class SFTModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         if gradient_checkpointing:
             enable_gradient_checkpointing(model, gradient_checkpointing)
+        # Training steps only: validation, evaluation and generation (other shapes, KV cache) stay eager
+        # rather than each paying minutes of compiling. A function, not a module: not in the state dict.
+        decoder = unwrap(model).get_decoder()
+        self._train_decoder = torch.compile(decoder.forward, dynamic=True) if compile else None
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
         self._step_loss = torch.zeros(())
@@ -161,7 +168,7 @@ class SFTModule(pl.LightningModule):
             set_rng_states(self._train_rng)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_targets = token_loss_sum(self.model, batch)
+        loss_sum, n_targets = token_loss_sum(self.model, batch, self._train_decoder)
         # Backward and the optimizer step draw no random numbers (checkpointed recomputation restores its own
         # RNG state), so this is the state the next training step starts from.
         self._train_rng = rng_states()

@@ -114,6 +114,7 @@ def run(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        compile=cfg.compile,
     )
 
     loggers = tracking.make_loggers(cfg.get("logger"))

@@ -38,6 +38,7 @@ def run_sftlab(spec: dict[str, Any]) -> dict:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        compile=cfg.compile,
     )
     timer = StepTimer()
     prec = build.precision(cfg)
