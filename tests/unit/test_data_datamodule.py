@@ -182,3 +182,13 @@ def test_a_damaged_cache_entry_is_rebuilt(tokenizer, chatml, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="sftlab.data"):
         third.setup()
     assert "data cache hit" in caplog.text  # the damaged entry was replaced
+
+
+def test_cache_key_ignores_the_tokenizers_transient_padding_state(tokenizer, chatml, tmp_path):
+    """transformers leaves padding switched on in the Rust tokenizer after a padded call; found when a test
+    that pads a batch ran before the cache-hit test."""
+    path = write_jsonl(tmp_path / "train.jsonl", [conv(i) for i in range(3)])
+    key = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))._cache_entry()
+    tokenizer(["a", "a longer text"], padding=True)
+    assert make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))._cache_entry() == key
+    tokenizer("a")  # back to no padding

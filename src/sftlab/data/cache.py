@@ -46,7 +46,13 @@ def file_digest(path: str | Path) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # Without the padding and truncation settings: transformers sets them on the Rust tokenizer at every
+        # call (a padded batch leaves padding on), so they would make the same tokenizer miss the cache.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        vocab = json.dumps(state, sort_keys=True)
+    else:
+        vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     added = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}
     return {
         "class": type(tokenizer).__name__,
