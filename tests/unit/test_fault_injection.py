@@ -14,14 +14,15 @@ import signal
 import torch
 from safetensors.torch import load_file
 
-from tests.unit.test_resume import _data, _finish, _records, _start
+from tests.conftest import small_iso_data
+from tests.unit.test_resume import _finish, _records, _start
 
 SEED = 0
 DURING_SAVE = ("+callbacks.bomb._target_=tests.unit.test_checkpoint.KillDuringSecondSave",)
 
 
 def test_five_random_kills_one_inside_a_checkpoint_write_resume_to_the_same_adapter(tmp_path):
-    data = _data(tmp_path)
+    data = small_iso_data(tmp_path)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference = _start(ref_dir, data)
     # Full checkpoints every 2 steps (after each validation): the second is written at step 4.
