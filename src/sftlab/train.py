@@ -83,6 +83,17 @@ def build_data(cfg: DictConfig, source: str):
     return tokenizer, template, datamodule, new_token_ids
 
 
+def build_module(cfg: DictConfig, model: torch.nn.Module) -> SFTModule:
+    """The LightningModule around the (adapted) model; sftlab-bench builds its runs with this too."""
+    return SFTModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        compile=cfg.compile,
+    )
+
+
 def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     return instantiate(
@@ -109,13 +120,7 @@ def run(cfg: DictConfig) -> float:
     trainable, total = trainable_parameters(model)
     params = {"trainable": trainable, "total": total}
     log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-    module = SFTModule(
-        model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        compile=cfg.compile,
-    )
+    module = build_module(cfg, model)
 
     loggers = tracking.make_loggers(cfg.get("logger"))
     trainer = build_trainer(cfg, loggers)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sftlab.model.adapters import LoRA
-from sftlab.model.load import load_model
 from sftlab.module import SFTModule, token_loss_sum
-from tests.unit.test_grad_ckpt import _batch
+from tests.unit.test_grad_ckpt import _batch, lora_model
 
 
 def _loss_and_grads(model: torch.nn.Module, batch: dict, decoder=None) -> tuple[float, dict]:
@@ -19,12 +17,7 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict, decoder=None) -> tuple[
 
 
 def test_compiled_training_step_matches_eager(tiny_cfg, tiny_model_dir, tokenizer):
-    torch.manual_seed(0)
-    model = LoRA(r=4, lora_alpha=8, lora_dropout=0.0).apply(load_model(tiny_cfg.model, tiny_model_dir))
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
     module = SFTModule(model, optimizer=torch.optim.SGD, compile=True)
     assert SFTModule(model, optimizer=torch.optim.SGD)._train_decoder is None  # off by default
     batch = _batch(tokenizer)

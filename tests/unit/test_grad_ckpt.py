@@ -29,13 +29,20 @@ def _batch(tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": labels}
 
 
-def _grads(tiny_cfg, tiny_model_dir, batch, mode) -> dict[str, torch.Tensor | None]:
+def lora_model(tiny_cfg, tiny_model_dir, dropout: float) -> torch.nn.Module:
+    """The tiny model with seeded LoRA weights, B non-zero (at zero, every A gradient would be zero)."""
     torch.manual_seed(0)
-    model = LoRA(r=4, lora_alpha=8, lora_dropout=0.1).apply(load_model(tiny_cfg.model, tiny_model_dir))
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero
+    base = load_model(tiny_cfg.model, tiny_model_dir)
+    model = LoRA(r=4, lora_alpha=8, lora_dropout=dropout).apply(base)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+    return model
+
+
+def _grads(tiny_cfg, tiny_model_dir, batch, mode) -> dict[str, torch.Tensor | None]:
+    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.1)
     if mode == "reentrant_without_input_grads":
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         unwrap(model).disable_input_require_grads()

@@ -20,7 +20,7 @@ from sftlab.bench import build
 from sftlab.bench.callbacks import StepTimer
 from sftlab.bench.hardware import flop_model, peak_memory_mb
 from sftlab.bench.stats import Record
-from sftlab.module import SFTModule
+from sftlab.train import build_module
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,7 @@ def run_sftlab(spec: dict[str, Any]) -> dict:
     datamodule = build.datamodule(p, **spec.get("data", {}))
     datamodule.setup("fit")
     model, _ = build.adapted_model(p)
-    module = SFTModule(
-        model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        compile=cfg.compile,
-    )
+    module = build_module(cfg, model)
     timer = StepTimer()
     prec = build.precision(cfg)
     trainer: pl.Trainer = instantiate(
