@@ -259,9 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Idle OpenMP threads sleep instead of spinning: on a shared, oversubscribed CPU spinning threads burn the
-    # time slices the working ones need (inherited by the spawned runners; set before torch loads there).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is left as `python train.py` runs (OpenMP threads spin briefly between parallel
+    # regions, then sleep). PASSIVE (sleep at once) made every 2-thread step 25-35 % slower on a quiet
+    # machine, since a training step is thousands of small parallel regions; ACTIVE (spin forever) let this
+    # parent's idle threads take a core from the runners: 3x slower.
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
