@@ -14,7 +14,7 @@ from sftlab.bench import peers
 from sftlab.bench.hardware import FlopModel, flop_model
 from sftlab.bench.ours import run_sftlab
 from sftlab.bench.report import RATIO_TARGETS, summarize, targets
-from sftlab.bench.run import plan
+from sftlab.bench.run import plan, pooled
 from sftlab.bench.stats import Record, Step, batch_counts, example_lengths, median_rate, padding_efficiency
 from sftlab.data.tokenize import IGNORE_INDEX
 
@@ -94,6 +94,18 @@ def test_default_plan_runs_every_runner_a_target_names(tmp_path):
     names = [name for name, _, _ in plan(args, tmp_path)]
     assert {n for _, a, b, _ in RATIO_TARGETS for n in (a, b)} <= set(names)
     assert "iso/sftlab-qlora" in names and len(names) == len(set(names))
+
+
+def test_rounds_pool_the_measured_steps_and_drop_each_rounds_warmup():
+    def rec(seconds: list[float], peak: float) -> Record:
+        steps = [Step(tokens=100, targets=10, pairs=1, computed=100, seconds=t) for t in seconds]
+        return Record("iso/sftlab", steps, {"peak_memory_mb": peak, "adapter": "lora"})
+
+    # Round 1 fast, round 2 slowed by a neighbour: warm-up steps (9 s) of both rounds never count.
+    (merged,) = pooled({"iso/sftlab": [rec([9, 1, 1, 1], 50), rec([9, 2, 2, 2], 70)]}, warmup=1)
+    assert [s.seconds for s in merged.steps] == [9, 1, 1, 1, 2, 2, 2]
+    assert merged.extra == {"peak_memory_mb": 70, "adapter": "lora"}
+    assert summarize([merged], 1, {})["iso/sftlab"]["step_s"] == 1.5  # the median of both rounds
 
 
 @pytest.fixture

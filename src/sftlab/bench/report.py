@@ -122,10 +122,11 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 
 def render(result: dict) -> str:
     peak = result["peak"]
+    rounds = f" x {result['repeat']} rounds" if result.get("repeat", 1) > 1 else ""
     lines = [
         f"sftlab-bench {result['date']} on {result['machine'].get('gpu') or result['machine'].get('cpu')} "
         f"({result['machine']['cpu_threads']} threads), {result['warmup']} warm-up + {result['steps']} "
-        "measured steps, medians",
+        f"measured steps{rounds}, medians",
         f"matmul peak ({peak['n']}^3): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
         f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s (per CPU second: fp32 "
         f"{peak.get('fp32_gflops_per_cpu_s', 0):.0f}, bf16 {peak.get('bf16_gflops_per_cpu_s', 0):.0f})",

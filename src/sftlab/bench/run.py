@@ -27,7 +27,7 @@ import torch
 from sftlab.bench import data as gen
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
 from sftlab.bench.report import render, summarize, targets
-from sftlab.bench.stats import Record
+from sftlab.bench.stats import Record, steady
 
 log = logging.getLogger("sftlab.bench")
 ROOT = Path(__file__).resolve().parents[3]
@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
     ap.add_argument("--steps", type=int, default=8, help="measured optimizer steps per runner (default 8)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds: every runner runs once per round, in turn, and the medians pool the measured steps of "
+        "all rounds, so a neighbour's burst of load during one runner cannot tilt a ratio (default 1)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 steps, small data sets (smoke test)")
     ap.add_argument(
         "--only",
@@ -284,17 +291,18 @@ def main(argv: list[str] | None = None) -> dict:
         result["peak"]["fp32_gflops"],
         result["peak"]["bf16_gflops"],
     )
-    records = []
-    for name, target, spec in plan(args, workdir):
-        t0 = time.time()
-        records.append(Record.from_dict(call(target, spec)))
-        result["runs"] = summarize(records, args.warmup, result["peak"])
-        _write(args.out, result)  # a long run interrupted still leaves what it measured
-        log.info(
-            "%-22s %6.0f tok/s  done in %.0f s", name, result["runs"][name]["tokens_per_s"], time.time() - t0
-        )
+    rounds: dict[str, list[Record]] = {}
+    for k in range(args.repeat):
+        for name, target, spec in plan(args, workdir):
+            t0 = time.time()
+            rounds.setdefault(name, []).append(Record.from_dict(call(target, spec)))
+            result["runs"] = summarize(pooled(rounds, args.warmup), args.warmup, result["peak"])
+            _write(args.out, result)  # a long run interrupted still leaves what it measured
+            this_round = summarize(rounds[name][-1:], args.warmup, result["peak"])[name]["tokens_per_s"]
+            log.info("%-22s %6.0f tok/s  round %d done in %.0f s", name, this_round, k + 1, time.time() - t0)
+    result["repeat"] = args.repeat
     result["peak"] = peaks(device, args.quick, before=result["peak"])
-    result["runs"] = summarize(records, args.warmup, result["peak"])
+    result["runs"] = summarize(pooled(rounds, args.warmup), args.warmup, result["peak"])
     if not args.gpu_7b and wanted(args, "data-prep"):
         result["data_prep"] = call(
             "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
@@ -308,6 +316,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(render(result))
     print(f"\nwritten {args.out} ({result['total_s']:.0f} s)")
     return result
+
+
+def pooled(rounds: dict[str, list[Record]], warmup: int) -> list[Record]:
+    """One record per runner: the first round's warm-up steps, then the measured steps of every round (each
+    round's own warm-up left out), so `summarize` takes medians over all rounds. Peak memory: the highest."""
+    out = []
+    for name, recs in rounds.items():
+        steps = recs[0].steps[:warmup] + [s for r in recs for s in steady(r.steps, warmup)]
+        peak = max((r.extra.get("peak_memory_mb") or 0 for r in recs), default=0)
+        out.append(Record(name, steps, {**recs[0].extra, "peak_memory_mb": peak or None}))
+    return out
 
 
 def wanted(args: argparse.Namespace, name: str) -> bool:
