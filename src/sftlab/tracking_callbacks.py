@@ -84,20 +84,24 @@ class CSVResume(pl.Callback):
     steps after it are replayed and log their rows again). A run that does not resume starts it empty."""
 
     def __init__(self) -> None:
-        self.rows = 0
+        self.rows: dict[str, int] = {}  # by the logger's name/version: the run directory may have moved
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.is_global_zero:
-            checkpoint["csv_rows"] = sum(lg.flushed_rows() for lg in _csv_loggers(trainer))
+            checkpoint["csv_rows"] = {_key(lg): lg.flushed_rows() for lg in _csv_loggers(trainer)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
-        self.rows = checkpoint.get("csv_rows", 0)
+        self.rows = dict(checkpoint.get("csv_rows") or {})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             for lg in _csv_loggers(trainer):
-                lg.keep_rows(self.rows)
+                lg.keep_rows(self.rows.get(_key(lg), 0))
 
 
 def _csv_loggers(trainer: pl.Trainer) -> list[ResumableCSVLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+
+
+def _key(logger: ResumableCSVLogger) -> str:
+    return f"{logger.name}/{logger.version}"
