@@ -36,6 +36,24 @@ def small_iso_data(folder: Path, n_train: int = 24, n_val: int = 8) -> list[str]
     ]
 
 
+def quiet_trainer(callbacks: list | None = None, **kwargs):
+    """A CPU Lightning Trainer with no logger, progress bar, model summary or distributed sampler (the
+    datamodule's StepPlanSampler is the sampler); `kwargs` add or override Trainer arguments."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        **{
+            "accelerator": "cpu",
+            "logger": False,
+            "callbacks": callbacks or [],
+            "enable_progress_bar": False,
+            "use_distributed_sampler": False,
+            "enable_model_summary": False,
+            **kwargs,
+        }
+    )
+
+
 def tiny_train_command(run_dir: Path, *overrides: str) -> list[str]:
     """`python train.py` (run from ROOT) on the tiny random model on CPU, CSV metrics only, into `run_dir`."""
     return [

@@ -17,7 +17,7 @@ from sftlab.errors import ConfigError
 from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model, model_source
 from sftlab.module import NonFiniteLossError, SFTModule
-from tests.conftest import ROOT, compose_cfg, small_iso_data, tiny_train_command
+from tests.conftest import ROOT, compose_cfg, quiet_trainer, small_iso_data, tiny_train_command
 
 
 class Unpicklable:
@@ -43,17 +43,8 @@ class _Bomb:
 
 
 def _quiet_trainer(callbacks: list, **kwargs) -> pl.Trainer:
-    """A CPU Trainer with sftlab's atomic checkpoint IO and no logger, progress bar or summary."""
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-        **kwargs,
-    )
+    """A quiet CPU Trainer with sftlab's atomic checkpoint IO, as train.py configures it."""
+    return quiet_trainer(callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------
@@ -239,18 +230,13 @@ def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(
         LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir)), optimizer=instantiate(cfg.optimizer)
     )
     seen = ValidationSteps()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        [seen],
         max_epochs=1,
         accumulate_grad_batches=2,
         val_check_interval=3,
-        logger=False,
         enable_checkpointing=False,
-        callbacks=[seen],
         num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.val_check_batch == 2

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model
 from sftlab.module import SFTModule, token_loss_sum
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, quiet_trainer
 
 ANSWERS = [
     "Yes.",
@@ -93,18 +93,13 @@ def one_step(
     cfg = compose_cfg(["model=tiny_random", "optimizer=sgd"], output_dir="/tmp/unused")
     module = module_cls(_lora_model(tiny_cfg, tiny_model_dir), optimizer=instantiate(cfg.optimizer))
     capture = GradCapture()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        [capture],
         precision=precision,
         max_steps=1,
         accumulate_grad_batches=accumulate,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[capture],
         limit_val_batches=0,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=_datamodule(cfg, tokenizer, chatml, train_file, micro_batch))
     return capture.grads, float(trainer.callback_metrics["train/loss"])

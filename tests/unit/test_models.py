@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -28,7 +27,7 @@ from sftlab.model.load import (
 )
 from sftlab.module import SFTModule
 from sftlab.train import CONF_DIR
-from tests.conftest import ROOT, chat_batch, compose_cfg
+from tests.conftest import ROOT, chat_batch, compose_cfg, quiet_trainer
 
 MODELS = {  # config -> (template it selects, Hub id or None)
     "smollm2_135m": ("chatml", None),
@@ -98,15 +97,7 @@ def test_tiny_model_of_each_family_trains_two_steps(family, adapter):
     template = instantiate(cfg.template, _convert_="all")
     batches = [chat_batch(CONVERSATIONS, template, tokenizer)] * 2
     module = SFTModule(model, optimizer=partial(torch.optim.AdamW, lr=1e-3))
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

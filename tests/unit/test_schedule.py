@@ -11,7 +11,7 @@ from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model
 from sftlab.module import SFTModule
 from sftlab.optim import lr_factor, warmup_schedule, warmup_steps
-from tests.conftest import ISO_DATA, compose_cfg
+from tests.conftest import ISO_DATA, compose_cfg, quiet_trainer
 
 
 @pytest.mark.parametrize(
@@ -84,17 +84,8 @@ def test_schedule_spans_exactly_the_run_with_accumulation(
     model = LoRA(r=2).apply(load_model(tiny_cfg.model, tiny_model_dir))
     module = SFTModule(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     recorder = LRRecorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[recorder],
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        [recorder], max_epochs=2, accumulate_grad_batches=2, enable_checkpointing=False, limit_val_batches=0
     )
     trainer.fit(module, datamodule=dm)
     base = cfg.optimizer.lr
