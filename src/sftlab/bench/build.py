@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -45,6 +46,21 @@ def parts(cfg: DictConfig) -> Parts:
     token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))
     template = instantiate(cfg.template, _convert_="all")
     return Parts(cfg, source, tokenizer, template, token_ids)
+
+
+def runner_parts(spec: dict[str, Any]) -> Parts:
+    """A runner's parts from its spec: the config (scratch output dir `<workdir>/<name>`), seeded as
+    train.py seeds, then tokenizer and template."""
+    cfg = compose_cfg(spec["overrides"], Path(spec["workdir"]) / spec["name"].replace("/", "-"))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    return parts(cfg)
+
+
+def prepared_datamodule(p: Parts, spec: dict[str, Any]) -> SFTDataModule:
+    """The datamodule with the spec's `data` settings, set up for fit."""
+    dm = datamodule(p, **spec.get("data", {}))
+    dm.setup("fit")
+    return dm
 
 
 def datamodule(p: Parts, **settings: Any) -> SFTDataModule:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -27,11 +26,8 @@ log = logging.getLogger(__name__)
 
 def run_sftlab(spec: dict[str, Any]) -> dict:
     """spec: name, overrides (Hydra), workdir, steps (warm-up included), data (datamodule settings)."""
-    cfg = build.compose_cfg(spec["overrides"], Path(spec["workdir"]) / spec["name"].replace("/", "-"))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    p = build.parts(cfg)
-    datamodule = build.datamodule(p, **spec.get("data", {}))
-    datamodule.setup("fit")
+    p = build.runner_parts(spec)
+    cfg, datamodule = p.cfg, build.prepared_datamodule(p, spec)
     model, _ = build.adapted_model(p)
     module = build_module(cfg, model)
     timer = StepTimer()

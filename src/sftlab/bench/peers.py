@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
@@ -46,11 +45,8 @@ def _autocast(device: torch.device, prec: str | int) -> contextlib.AbstractConte
 
 def run_bare(spec: dict[str, Any]) -> dict:
     """spec: as `ours.run_sftlab`."""
-    cfg = build.compose_cfg(spec["overrides"], Path(spec["workdir"]) / spec["name"].replace("/", "-"))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    p = build.parts(cfg)
-    datamodule = build.datamodule(p, **spec.get("data", {}))
-    datamodule.setup("fit")
+    p = build.runner_parts(spec)
+    cfg, datamodule = p.cfg, build.prepared_datamodule(p, spec)
     batches = list(itertools.islice(datamodule.train_dataloader(), spec["steps"]))
     model, adapter = build.adapted_model(p)
     device = pick_device(spec.get("device", "auto"))
@@ -154,9 +150,8 @@ def run_trl(spec: dict[str, Any]) -> dict:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    cfg = build.compose_cfg(spec["overrides"], Path(spec["workdir"]) / spec["name"].replace("/", "-"))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    p = build.parts(cfg)
+    p = build.runner_parts(spec)
+    cfg = p.cfg
     conversations = read_conversations(locate.resolve(cfg.data.train_path, key="data.train_path"))
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations]
     p.tokenizer.chat_template = p.template.bind(p.tokenizer).to_jinja()  # the same text as sftlab renders
