@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> float:
             ckpt_path=resolve_resume(cfg.get("resume"), run_dir),
             weights_only=True,
         )
-        if not trainer.is_global_zero:
+        if not is_rank_zero():
             return math.nan  # the other DDP ranks are done: rank 0 saves, evaluates and reports
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         artifacts.restore_best(module, best_path)
