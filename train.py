@@ -1,6 +1,6 @@
-"""Entry point: `python train.py [group=option ...] [key=value ...]`. See README."""
+"""Entry point: `python train.py [group=option ...] [key=value ...]` (the same as `sftlab-train`)."""
 
-from sftlab.train import main
+from sftlab.cli.train import main
 
 if __name__ == "__main__":
     main()

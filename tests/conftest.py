@@ -14,10 +14,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sftlab.train import CONF_DIR
+from sftlab import build
 
 ROOT = Path(__file__).resolve().parents[1]
 ISO_DATA = ROOT / "src/sftlab/resources/iso_dates"
@@ -67,19 +66,9 @@ def tiny_train_command(run_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def compose_cfg(overrides: list[str], output_dir: Path | str | None = None) -> DictConfig:
-    """Compose conf/train.yaml exactly as `python train.py` would, with `paths.output_dir` made concrete
-    (outside a Hydra app `${hydra:runtime.output_dir}` cannot resolve)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
-    if output_dir is not None:
-        OmegaConf.update(cfg, "paths.output_dir", str(output_dir))
-    return cfg
-
-
 @pytest.fixture(scope="session")
 def tiny_cfg() -> DictConfig:
-    return compose_cfg(["model=tiny_random"])
+    return build.compose(["model=tiny_random"])
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +103,7 @@ def chatml(tiny_cfg):
 # ---- finished adapter runs (merge, serve, new tokens) ----------------------------------------------------
 def chat_batch(conversations, template, tokenizer):
     """A right-padded training batch, built by the real tokenize + collate."""
-    from sftlab.data.datamodule import collate
+    from sftlab.data.collate import collate
     from sftlab.data.tokenize import encode_conversations
 
     enc = encode_conversations(conversations, template, tokenizer)
@@ -133,13 +122,13 @@ def make_adapter_run(run_dir: Path, overrides: list[str], scale: float = 0.1):
     import torch
     from hydra.utils import instantiate
 
-    from sftlab import artifacts
     from sftlab.model.load import load_model, load_tokenizer, model_source
     from sftlab.model.tokens import add_special_tokens, fit_embeddings
+    from sftlab.rundir import write
 
-    cfg = compose_cfg(["model=tiny_random", *overrides], output_dir=run_dir)
+    cfg = build.compose(["model=tiny_random", *overrides], output_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_config(run_dir, cfg)
+    write.write_config(run_dir, cfg)
     source = model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     token_ids = add_special_tokens(tokenizer, cfg.model.get("special_tokens"))
@@ -154,5 +143,5 @@ def make_adapter_run(run_dir: Path, overrides: list[str], scale: float = 0.1):
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
     model.eval()
-    artifacts.save_model(run_dir, model, tokenizer, template)
+    write.save_model(run_dir, model, tokenizer, template)
     return run_dir, model, tokenizer, template

@@ -21,7 +21,7 @@ from typing import Any
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sftlab import locate
+from sftlab import paths
 from sftlab.errors import ConfigError, SFTLabError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -192,7 +192,7 @@ def _check_paths(cfg: DictConfig, choices: dict[str, str], problems: list[str]) 
         if not isinstance(value, str) or not (value.endswith(DATA_SUFFIXES) or value.startswith("pkg://")):
             continue  # null, a hub dataset id or a list: checked when the data loads
         try:
-            exists = Path(locate.resolve(value, key=key)).is_file()
+            exists = Path(paths.resolve(value, key=key)).is_file()
         except SFTLabError:
             exists = False
         if not exists:

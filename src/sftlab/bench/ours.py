@@ -15,23 +15,23 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 
-from sftlab.bench import build
+from sftlab import build
+from sftlab.bench import runner
 from sftlab.bench.callbacks import StepTimer
 from sftlab.bench.hardware import flop_model, peak_memory_mb
 from sftlab.bench.stats import Record
-from sftlab.train import build_module
 
 log = logging.getLogger(__name__)
 
 
 def run_sftlab(spec: dict[str, Any]) -> dict:
     """spec: name, overrides (Hydra), workdir, steps (warm-up included), data (datamodule settings)."""
-    p = build.runner_parts(spec)
-    cfg, datamodule = p.cfg, build.prepared_datamodule(p, spec)
+    p = runner.parts(spec)
+    cfg, datamodule = p.cfg, runner.prepared_datamodule(p, spec)
     model, _ = build.adapted_model(p)
-    module = build_module(cfg, model)
+    module = build.module(cfg, model)
     timer = StepTimer()
-    prec = build.precision(cfg)
+    prec = runner.precision(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         precision=prec,

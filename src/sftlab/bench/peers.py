@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from sftlab import locate
-from sftlab.bench import build
+from sftlab import build, paths
+from sftlab.bench import runner
 from sftlab.bench.data import read_conversations
 from sftlab.bench.hardware import flop_model, peak_memory_mb, pick_device, synchronize
 from sftlab.bench.stats import Record, Step, batch_counts, clock, elapsed
-from sftlab.module import enable_gradient_checkpointing, token_loss_sum
+from sftlab.model.forward import enable_gradient_checkpointing, token_loss_sum
 
 TRL_SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -39,14 +39,14 @@ TRL_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _autocast(device: torch.device, prec: str | int) -> contextlib.AbstractContextManager:
-    dtype = build.autocast_dtype(prec)
+    dtype = runner.autocast_dtype(prec)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def run_bare(spec: dict[str, Any]) -> dict:
     """spec: as `ours.run_sftlab`."""
-    p = build.runner_parts(spec)
-    cfg, datamodule = p.cfg, build.prepared_datamodule(p, spec)
+    p = runner.parts(spec)
+    cfg, datamodule = p.cfg, runner.prepared_datamodule(p, spec)
     batches = list(itertools.islice(datamodule.train_dataloader(), spec["steps"]))
     model, adapter = build.adapted_model(p)
     device = pick_device(spec.get("device", "auto"))
@@ -58,7 +58,7 @@ def run_bare(spec: dict[str, Any]) -> dict:
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=len(batches))
-    prec = build.precision(cfg)
+    prec = runner.precision(cfg)
     clip = cfg.trainer.get("gradient_clip_val")
     steps = []
     last = clock()
@@ -150,9 +150,9 @@ def run_trl(spec: dict[str, Any]) -> dict:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    p = build.runner_parts(spec)
+    p = runner.parts(spec)
     cfg = p.cfg
-    conversations = read_conversations(locate.resolve(cfg.data.train_path, key="data.train_path"))
+    conversations = read_conversations(paths.resolve(cfg.data.train_path, key="data.train_path"))
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in conversations]
     p.tokenizer.chat_template = p.template.bind(p.tokenizer).to_jinja()  # the same text as sftlab renders
     adapter = instantiate(cfg.adapter, _convert_="all")

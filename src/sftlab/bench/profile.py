@@ -18,9 +18,10 @@ import torch
 from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile
 
-from sftlab.bench import build
+from sftlab import build
+from sftlab.bench import runner
 from sftlab.bench.peers import _autocast
-from sftlab.module import token_loss_sum
+from sftlab.model.forward import token_loss_sum
 
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
@@ -40,16 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = build.compose_cfg(args.override, tempfile.mkdtemp(prefix="sftlab-profile-"))
+    cfg = build.compose(args.override, tempfile.mkdtemp(prefix="sftlab-profile-"))
     p = build.parts(cfg)
     dm = build.datamodule(p)
-    dm.setup("fit")
     batches = list(itertools.islice(dm.train_dataloader(), args.steps + 1))
     model, _ = build.adapted_model(p)
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params)
-    prec, device = build.precision(cfg), torch.device("cpu")
+    prec, device = runner.precision(cfg), torch.device("cpu")
 
     def step(batch: dict) -> None:
         with _autocast(device, prec):

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
+from sftlab import build
 from sftlab.bench import data as gen
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
 from sftlab.bench.report import render, summarize, targets
 from sftlab.bench.stats import Record, steady
 
 log = logging.getLogger("sftlab.bench")
-ROOT = Path(__file__).resolve().parents[3]
 
 # The GPU preset: a randomly initialised model with Mistral-7B's shapes (no download), bf16 weights,
 # sequence length 2048 with gradient checkpointing.
@@ -158,10 +158,9 @@ def _invoke(module: str, function: str, spec: dict) -> dict:
 
 def data_prep(spec: dict) -> dict:
     """Rows/s to read, render, tokenize and mask `rows` alpaca rows (no cache), then the cached reload."""
-    from sftlab.bench import build
 
     workdir = Path(spec["workdir"])
-    cfg = build.compose_cfg(spec["overrides"], workdir / "prep")
+    cfg = build.compose(spec["overrides"], workdir / "prep")
     p = build.parts(cfg)
     path = gen.write_jsonl(gen.alpaca_rows(spec["rows"]), workdir / "alpaca.jsonl")
     settings = {
@@ -174,7 +173,7 @@ def data_prep(spec: dict) -> dict:
     }
     timings = []
     for _ in range(2):  # first: processed and written to the cache; second: a new datamodule reads the cache
-        dm = build.datamodule(p, **settings)
+        dm = build.datamodule(p, setup=False, **settings)
         start = time.perf_counter()
         dm.setup("fit")
         timings.append(time.perf_counter() - start)
@@ -219,7 +218,8 @@ def first_step(overrides: list[str], workdir: Path, timeout: float = 300) -> dic
     marker.unlink(missing_ok=True)
     cmd = [
         sys.executable,
-        str(ROOT / "train.py"),
+        "-m",
+        "sftlab.cli.train",
         "eval=none",
         "logger=csv",
         *overrides,
@@ -231,7 +231,7 @@ def first_step(overrides: list[str], workdir: Path, timeout: float = 300) -> dic
     launched = time.time()
     errors = workdir / "first_step.log"
     with open(errors, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         while not marker.exists():
             if proc.poll() is not None:

@@ -23,11 +23,11 @@ import torch
 from peft import PeftModel
 from transformers import TextStreamer
 
+from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import SFTLabError
-from sftlab.eval.generate import stop_token_ids
-from sftlab.runs import LoadedRun, load_run
+from sftlab.model.generate import stop_token_ids
 
 log = logging.getLogger("sftlab.chat")
 COMMANDS = {"/reset", "/exit", "/quit"}

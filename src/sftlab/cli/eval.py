@@ -2,7 +2,7 @@
 
 A Hydra app on conf/eval_run.yaml, so the `eval` group composes exactly as in `python train.py`
 (`eval=[generate,error_analysis] eval.generate.max_new_tokens=64`). The model, tokenizer, template and data
-come from the run (`sftlab.runs.load_run`); `test_path=` evaluates another JSONL file. The base model is
+come from the run (`sftlab.build.load_run`); `test_path=` evaluates another JSONL file. The base model is
 the same loaded model with its adapter disabled (peft's `disable_adapter`), so nothing is loaded twice; a full
 fine-tuning run loads its configured base separately. Results: <run>/eval/results.json, generations.jsonl,
 worst_<model>.md (error analysis), a printed table, and W&B tables with `wandb=true`.
@@ -22,11 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from sftlab import console, tracking
+from sftlab import paths
+from sftlab.build import LoadedRun, load_run
+from sftlab.cli import console
 from sftlab.errors import SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
-from sftlab.runs import LoadedRun, load_run
-from sftlab.train import CONF_DIR
+from sftlab.training import loggers
 
 log = logging.getLogger("sftlab.eval")
 
@@ -71,7 +72,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 def _log_wandb(suite: EvalSuite, run: LoadedRun, out_dir: Path) -> None:
     import wandb
 
-    if not os.environ.get("WANDB_MODE") and not tracking.wandb_logged_in():
+    if not os.environ.get("WANDB_MODE") and not loggers.wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
     with contextlib.closing(
         wandb.init(project="sftlab", job_type="eval", dir=str(out_dir), name=f"eval-{run.run_dir.name}")
@@ -80,7 +81,7 @@ def _log_wandb(suite: EvalSuite, run: LoadedRun, out_dir: Path) -> None:
         suite.log_to_wandb(wb)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_run")
+@hydra.main(version_base="1.3", config_path=str(paths.config_dir()), config_name="eval_run")
 def main(cfg: DictConfig) -> None:
     try:
         run_eval(cfg)

@@ -1,6 +1,6 @@
 """`sftlab-inspect [group=option ...] [key=value ...] [format=rich|jsonl] [n=N] [split=S]`: see what trains.
 
-It composes the same `conf/` as `python train.py` (Hydra's compose API, so `data=... template=... model=...`
+It composes the same config as `sftlab-train` (`sftlab.build.compose`, so `data=... template=... model=...`
 and every `data.*` override work, and the same on-disk data cache is used) and runs exactly the training data
 pipeline: read, convert, render, tokenize, mask, (pack). Nothing else is loaded (no model weights), and no
 run directory is created.
@@ -21,16 +21,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from sftlab.data.tokenize import IGNORE_INDEX, Encoded
 from sftlab.errors import ConfigError, SFTLabError
-from sftlab.train import CONF_DIR
 
 OWN_KEYS = ("format", "n", "split")
 TRAINED, UNTRAINED, BOUNDARY = "bold green", "dim", "bold magenta"
@@ -61,24 +57,6 @@ def split_args(argv: Sequence[str]) -> tuple[InspectArgs, list[str]]:
         except ValueError:
             raise ConfigError(f"n={own['n']!r}: the number of examples to show must be an integer.") from None
     return args, overrides
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-def build_datamodule(cfg: DictConfig):
-    """Tokenizer, template and datamodule exactly as train.py builds them (no model weights)."""
-    from sftlab.model.load import load_tokenizer, model_source
-    from sftlab.model.tokens import add_special_tokens
-
-    tokenizer = load_tokenizer(cfg.model, model_source(cfg.model))
-    add_special_tokens(tokenizer, cfg.model.get("special_tokens"))
-    template = instantiate(cfg.template, _convert_="all")
-    datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, template=template)
-    datamodule.setup("fit")
-    return tokenizer, datamodule
 
 
 def highlight(example: Encoded, tokenizer) -> Text:
@@ -163,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(name)s] %(message)s")
     try:
         args, overrides = split_args(argv)
-        cfg = compose_config(overrides)
-        tokenizer, datamodule = build_datamodule(cfg)
+        from sftlab import build  # torch and transformers load only once the arguments are valid
+
+        parts = build.parts(build.compose(overrides))
+        tokenizer, datamodule = parts.tokenizer, build.datamodule(parts)
         if args.split not in datamodule.splits:
             raise ConfigError(f"split={args.split!r}: this data has splits {sorted(datamodule.splits)}.")
         if args.format == "jsonl":

@@ -23,13 +23,14 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from sftlab import artifacts
+from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import ConfigError, SFTLabError
-from sftlab.eval.generate import stop_token_ids
+from sftlab.model.generate import stop_token_ids
 from sftlab.model.load import DTYPES
-from sftlab.runs import MERGED_CONFIG, LoadedRun, load_run
+from sftlab.rundir.read import MERGED_CONFIG
+from sftlab.rundir.write import write_json
 
 log = logging.getLogger("sftlab.merge")
 
@@ -119,7 +120,7 @@ def write_merged(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict
     model.save_pretrained(out)
     run.tokenizer.save_pretrained(out)  # saved by training with the run's template as its chat template
     (out / MERGED_CONFIG).write_text(OmegaConf.to_yaml(run.cfg), encoding="utf-8")
-    artifacts.write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
+    write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
 
 
 def merge(args: MergeArgs) -> Path:

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.formats import ROLES
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import SFTLabError
-from sftlab.eval.generate import stop_token_ids
-from sftlab.runs import LoadedRun, load_run
+from sftlab.model.generate import stop_token_ids
 
 log = logging.getLogger("sftlab.serve")
 

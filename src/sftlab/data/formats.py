@@ -17,7 +17,7 @@ rows by reason and strict mode can name the file, line, problem and fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from sftlab.errors import DataError
 
@@ -228,3 +228,9 @@ def to_messages(
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not a format; use one of {sorted(FORMATS)} or null.")
     return FORMATS[fmt](_Row(row, fields, where))
+
+
+def split_prompt(conversation: Sequence[dict]) -> tuple[list[dict], str]:
+    """History up to the last assistant turn, and that turn's content (the reference)."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return list(conversation[:last]), conversation[last]["content"]

@@ -18,12 +18,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
+from sftlab.eval.base import ANALYSIS, EvalContext
 from sftlab.eval.metrics import repeated_ngram_rate
-
-if TYPE_CHECKING:
-    from sftlab.eval.suite import EvalContext
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +82,7 @@ class ErrorAnalysis:
     safe_prompts_path: str | None = None
     worst_k: int = 10
     compare_base: bool = True
+    stage: ClassVar[int] = ANALYSIS
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         records = ctx.records()
@@ -125,9 +124,9 @@ class ErrorAnalysis:
         return out
 
     def _safe_prompt_refusals(self, ctx: EvalContext, phrases: list[str]) -> dict[str, Any]:
-        from sftlab.data.datamodule import read_jsonl
-        from sftlab.data.formats import to_messages
-        from sftlab.eval.generate import generate, split_prompt
+        from sftlab.data.formats import split_prompt, to_messages
+        from sftlab.data.sources import read_jsonl
+        from sftlab.model.generate import generate
 
         rows = read_jsonl(self.safe_prompts_path, key="eval.error_analysis.safe_prompts_path")
         histories = []

@@ -17,15 +17,13 @@ import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import yaml
 
 from sftlab.errors import ConfigError, SFTLabError
-from sftlab.module import unwrap
-
-if TYPE_CHECKING:
-    from sftlab.eval.suite import EvalContext
+from sftlab.eval.base import BENCHMARK, EvalContext
+from sftlab.model.forward import unwrap
 
 log = logging.getLogger(__name__)
 BUNDLED_DIR = Path(str(resources.files("sftlab") / "resources" / "benchmarks"))
@@ -66,6 +64,7 @@ class BenchmarkEval:
     batch_size: int = 8
     include_path: str | None = None  # a directory of your own lm-eval task YAMLs
     compare_base: bool = True
+    stage: ClassVar[int] = BENCHMARK
 
     def __post_init__(self) -> None:
         if not self.tasks:

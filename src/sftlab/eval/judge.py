@@ -24,12 +24,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from sftlab.errors import ConfigError, SFTLabError
-
-if TYPE_CHECKING:
-    from sftlab.eval.suite import EvalContext
+from sftlab.eval.base import JUDGE, EvalContext
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +151,7 @@ class HFJudge:
         return sorted(i for i in ids if i is not None)
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
-        from sftlab.eval.generate import generate_ids
+        from sftlab.model.generate import generate_ids
 
         outs = generate_ids(
             self.model,
@@ -235,6 +233,7 @@ class JudgeEval:
     dtype: str = "float32"
     timeout_s: float = 120.0
     compare_base: bool = True
+    stage: ClassVar[int] = JUDGE
     _client: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
 from sftlab.data.tokenize import IGNORE_INDEX
-from sftlab.module import token_loss_sum
-
-if TYPE_CHECKING:
-    from sftlab.eval.suite import EvalContext
+from sftlab.eval.base import LOSS, EvalContext
+from sftlab.model.forward import token_loss_sum
 
 
 def _batches(examples: list, batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -39,6 +37,7 @@ class LossEval:
     batch_size: int = 8
     max_examples: int | None = None
     compare_base: bool = True
+    stage: ClassVar[int] = LOSS
 
     @torch.no_grad()
     def run(self, ctx: EvalContext) -> dict[str, Any]:

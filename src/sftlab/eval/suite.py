@@ -5,10 +5,10 @@ Each option file nests its settings under its own name (`eval.generate.max_new_t
 chosen at once. Plain values set directly under `eval` (`+eval.max_examples=20`, or an experiment's
 `eval: {max_examples: 4}`) apply to every chosen evaluator that has that field.
 
-Evaluators run in a fixed order whatever the order on the command line: loss, generate, judge,
-error_analysis, benchmarks, so `judge` and `error_analysis` read the generations `generate` made (one
-generation pass per model) and error analysis can use the judge's flags. Each is run on the base model (before
-the adapter is applied) and on the tuned model, unless its `compare_base` is false.
+Evaluators run in a fixed order (their `stage`, eval/base.py) whatever the order on the command line: loss,
+generate, judge, error_analysis, benchmarks, so `judge` and `error_analysis` read the generations `generate`
+made (one generation pass per model) and error analysis can use the judge's flags. Each is run on the base
+model (before the adapter is applied) and on the tuned model, unless its `compare_base` is false.
 
 Results: `eval/results.json` ({"base": {...}, "tuned": {...}, "delta": {...}}), `eval/generations.jsonl`
 (one row per example and model, with every per-example score; also split per model as
@@ -21,61 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from sftlab import artifacts
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import ConfigError
+from sftlab.eval.base import JUDGE, READS_GENERATIONS, EvalContext, Evaluator
+from sftlab.eval.benchmarks import BenchmarkEval, forgetting
 from sftlab.eval.generate import GenerationEval
+from sftlab.rundir.write import write_json
 
 log = logging.getLogger(__name__)
-# Stage of each evaluator class name: consumers of generations run after `generate`.
-STAGES = {"LossEval": 0, "GenerationEval": 1, "JudgeEval": 2, "ErrorAnalysis": 3, "BenchmarkEval": 4}
-
-
-class Evaluator(Protocol):
-    compare_base: bool
-
-    def run(self, ctx: EvalContext) -> dict[str, Any]: ...
-
-
-@dataclass
-class EvalContext:
-    """What one evaluation pass over one model shares: the model, the data, the generations (made once)."""
-
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    template: ChatTemplate
-    splits: dict[str, Any]  # split name -> object with `.rows` (conversations) and `.examples` (Encoded)
-    tag: str  # "base" or "tuned"
-    out_dir: Path
-    generation: GenerationEval
-    results: dict[str, Any] = field(default_factory=dict)  # earlier evaluators' metrics, by option name
-    _records: list[dict] | None = None
-
-    def split(self, name: str) -> Any:
-        if name not in self.splits:
-            raise ConfigError(
-                f"eval: split {name!r} is not loaded (have {sorted(self.splits)}); set "
-                f"data.{name}_path or choose another eval.<option>.split."
-            )
-        return self.splits[name]
-
-    def records(self) -> list[dict]:
-        """Per-example generation records of the generation split, generated on first use."""
-        if self._records is None:
-            log.info("Generating on the %s split with the %s model", self.generation.split, self.tag)
-            self._records = self.generation.generate_records(
-                self.model, self.tokenizer, self.template, self.split(self.generation.split).rows
-            )
-        return self._records
 
 
 def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
@@ -108,7 +69,7 @@ def build_evaluators(cfg_eval: DictConfig | None) -> dict[str, Evaluator]:
             f"eval.{unused[0]}: no chosen evaluator ({chosen}) has this setting. "
             f"Set it per option, e.g. eval.<option>.{unused[0]}=..."
         )
-    order = sorted(evaluators, key=lambda n: (STAGES.get(type(evaluators[n]).__name__, 9), n))
+    order = sorted(evaluators, key=lambda n: (evaluators[n].stage, n))
     return {n: evaluators[n] for n in order}
 
 
@@ -134,7 +95,7 @@ class EvalSuite:
     def _check_prompts(self) -> None:
         """Generation answers each row's prompt; plain-text documents (data.format=text) have none. Said here,
         before the base model is evaluated, not after training."""
-        generating = [n for n, e in self.evaluators.items() if STAGES.get(type(e).__name__) in (1, 2, 3)]
+        generating = [n for n, e in self.evaluators.items() if e.stage in READS_GENERATIONS]
         split = self.splits.get(self.generation.split)
         if generating and split is not None and any(isinstance(row, str) for row in split.rows):
             raise ConfigError(
@@ -147,10 +108,8 @@ class EvalSuite:
     def _default_generation(evaluators: dict[str, Evaluator]) -> GenerationEval:
         """Without `generate` chosen, judge/error_analysis still need generations: default settings, limited
         to the judge's `max_examples` when a judge is chosen (nothing else would read more)."""
-        only_judge = all(
-            type(e).__name__ in ("JudgeEval", "LossEval", "BenchmarkEval") for e in evaluators.values()
-        )
-        limits = [e.max_examples for e in evaluators.values() if type(e).__name__ == "JudgeEval"]
+        only_judge = all(e.stage not in READS_GENERATIONS or e.stage == JUDGE for e in evaluators.values())
+        limits = [e.max_examples for e in evaluators.values() if e.stage == JUDGE]
         return GenerationEval(max_examples=limits[0] if only_judge and limits else None)
 
     @property
@@ -180,8 +139,6 @@ class EvalSuite:
 
     def forgetting(self) -> dict[str, float]:
         """Benchmark metrics that dropped from base to tuned (see eval/benchmarks.py)."""
-        from sftlab.eval.benchmarks import BenchmarkEval, forgetting
-
         names = [n for n, e in self.evaluators.items() if isinstance(e, BenchmarkEval)]
         if not names or not {"base", "tuned"} <= set(self.results):
             return {}
@@ -207,7 +164,7 @@ class EvalSuite:
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(
+        write_json(
             self.out_dir / "results.json",
             {**self.results, "delta": self.deltas(), "forgetting": self.forgetting()},
         )

@@ -30,16 +30,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sftlab import locate
+from sftlab import paths
 from sftlab.errors import ConfigError, SFTLabError
+from sftlab.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("SFTLAB_CACHE") or str(Path.home() / ".cache" / "sftlab")
 
 
 def _digest(*parts: Any) -> str:
@@ -99,7 +96,7 @@ def _build_random(random_init: dict, tokenizer_source: str, cache_dir: str, dtyp
 
 def materialize(name_or_path: str, *, cache_dir: str, key: str = "model.name_or_path") -> str:
     """Turn a model reference into something `from_pretrained` accepts: a local directory or a Hub id."""
-    path = locate.resolve(name_or_path, key=key)
+    path = paths.resolve(name_or_path, key=key)
     if path.endswith(".gguf"):
         if not Path(path).is_file():
             raise SFTLabError(f"{key}={name_or_path!r}: GGUF file {path} does not exist.")
@@ -245,7 +242,7 @@ def keep_4bit_trainable(model: torch.nn.Module) -> int:
     bitsandbytes 0.50 repacks a Linear4bit's weights on its first eval-mode, no-grad forward on a CPU with
     AVX512-BF16 (the base-model evaluation, every validation pass), and from then on uses a kernel that does
     not back-propagate to the layer's input: LoRA weights in all but the last layers silently get no gradient
-    (tests/unit/test_adapters.py checks this). Costs some CPU inference speed; no effect on GPUs.
+    (tests/model/test_adapters.py checks this). Costs some CPU inference speed; no effect on GPUs.
     """
     changed = 0
     for module in model.modules():

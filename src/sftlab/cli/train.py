@@ -1,0 +1,122 @@
+"""`sftlab-train` / `python train.py`: compose, check, build, evaluate the base, fit, restore the best, save,
+evaluate the tuned model.
+
+Reads top to bottom; each step is one call into the module that owns it (`sftlab.build` makes every object).
+`main` returns the best validation loss so Hydra sweepers (Optuna) can minimize it.
+
+Only Hydra is imported at module level: `--help`, `--cfg job`, a config error and shell completion are
+answered before torch, Lightning or transformers load (`run` imports them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sftlab import paths
+from sftlab.cli import sweep
+from sftlab.errors import SFTLabError
+
+log = logging.getLogger(__name__)
+
+
+def is_rank_zero() -> bool:
+    """Under DDP Lightning starts the other ranks by running this same command; they load and train, but only
+    rank 0 writes the run directory and evaluates. The rank comes from the environment, known at import."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def run(cfg: DictConfig) -> float:
+    import pytorch_lightning as pl
+
+    from sftlab import build
+    from sftlab.cli import console
+    from sftlab.model.adapters import trainable_parameters
+    from sftlab.rundir import write
+    from sftlab.training import checkpoint, loggers
+
+    started, run_dir = time.time(), Path(cfg.paths.output_dir)
+    source = build.preflight(cfg, run_dir)
+    if is_rank_zero():
+        console.print_config(cfg)
+        write.write_config(run_dir, cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    parts = build.parts(cfg, source)
+    datamodule = build.datamodule(parts)
+    suite = build.suite(cfg.get("eval"), parts, datamodule.splits, run_dir / "eval")
+
+    option = build.adapter(cfg)
+    model = build.base_model(parts, option)
+    evals = suite.run(model, "base") if is_rank_zero() and suite and suite.compare_base else {}
+    model = option.apply(model, new_token_ids=parts.new_token_ids)
+    trainable, total = trainable_parameters(model)
+    params = {"trainable": trainable, "total": total}
+    log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    module = build.module(cfg, model)
+
+    run_loggers = loggers.make_loggers(cfg.get("logger"))
+    trainer = build.trainer(cfg, run_loggers)
+    for lg in run_loggers:
+        lg.log_hyperparams(
+            {**write.resolved_config(cfg), "params": params, "data_counts": datamodule.counts()}
+        )
+    try:
+        # weights_only: a checkpoint is data, never code to unpickle.
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=checkpoint.resolve_resume(cfg.get("resume"), run_dir),
+            weights_only=True,
+        )
+        if not is_rank_zero():
+            return math.nan  # the other DDP ranks are done: rank 0 saves, evaluates and reports
+        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        checkpoint.restore_best(module, best_path)
+        log.info("Saved %s", write.save_model(run_dir, module.model, parts.tokenizer, parts.template))
+        evals = (suite.run(module.model, "tuned") if suite else {}) or evals
+        metrics = write.final_metrics(
+            trainer,
+            eval=evals,
+            data=datamodule.counts(),
+            params=params,
+            best_checkpoint=best_path,
+            runtime_s=round(time.time() - started, 1),
+        )
+        write.write_json(run_dir / "metrics.json", metrics)
+        loggers.log_summary(run_loggers, {"eval": evals, "val/best_loss": metrics["val"]["best_loss"]})
+        loggers.log_eval_tables(run_loggers, suite)
+    finally:
+        sync_hint = loggers.finish(run_loggers)
+    if evals:
+        console.print_comparison(evals)
+    if sync_hint:
+        log.info("W&B ran offline. Upload with: %s", sync_hint)
+    log.info("Run directory: %s", run_dir)
+    return metrics["val"]["best_loss"]
+
+
+@hydra.main(version_base="1.3", config_path=str(paths.config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except Exception as err:
+        if sweep.in_sweep():
+            # One failing sweep job must not stop the others: logged, error.txt in its dir, NaN returned.
+            return sweep.record_failure(Path(cfg.paths.output_dir), err)
+        if not isinstance(err, SFTLabError):
+            raise
+        # A problem the user can fix: one message, not a library traceback.
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Examples to tensors: the map-style dataset the sampler indexes, and right-padding collation."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from sftlab.data.tokenize import IGNORE_INDEX, Encoded
+
+
+class Examples(Dataset):
+    """Indexable by `(index, step_target_tokens)` pairs from StepPlanSampler, or plain ints (evaluation)."""
+
+    def __init__(self, examples: list[Encoded]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, step_targets = key if isinstance(key, tuple) else (key, 0)
+        ex = self.examples[index]
+        item = {"input_ids": ex.input_ids, "labels": ex.labels, "step_targets": step_targets, "index": index}
+        if ex.position_ids is not None:
+            item["position_ids"] = ex.position_ids
+        return item
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad. Padding gets label -100 and attention 0, so it is never trained, even when pad == eos.
+
+    Packed rows also carry `position_ids` (restarting per example; padding gets 0, its own one-token
+    "sequence"); the model then builds a block-diagonal mask from them (see packing.py).
+    """
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention_mask[row, :n] = 1
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "step_targets": torch.tensor(features[0]["step_targets"]),
+        "index": torch.tensor([f["index"] for f in features]),
+    }
+    if "position_ids" in features[0]:
+        position_ids = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            position_ids[row, : len(f["position_ids"])] = torch.tensor(f["position_ids"])
+        batch["position_ids"] = position_ids
+    return batch

@@ -1,0 +1,103 @@
+"""The run directory contract (DESIGN.md): config.yaml, adapter/ (or model/), metrics.json, checkpoints/.
+
+Everything a finished run needs to be reused is written here, loadable with plain transformers + peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from sftlab.data.templates import ChatTemplate
+from sftlab.errors import SFTLabError
+from sftlab.rundir.redact import redact
+
+MIN_FREE_BYTES = (
+    1 << 30
+)  # adapters, checkpoints and logs of a LoRA run fit in far less; a full disk fails late
+
+
+def check_writable(run_dir: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """Fail before training, not at the first checkpoint, when the run directory cannot take the outputs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise SFTLabError(
+            f"paths.output_dir={str(run_dir)!r} is not writable ({err.strerror}). "
+            "Choose another directory with hydra.run.dir=... (or fix its permissions)."
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free:
+        raise SFTLabError(
+            f"paths.output_dir={str(run_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; a run needs "
+            f"at least {min_free / 2**20:.0f} MiB for checkpoints and the adapter. Free space or set "
+            "hydra.run.dir elsewhere."
+        )
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (a reader never sees half a file), with secrets masked."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain data with secrets masked: what config.yaml and W&B receive."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)), encoding="utf-8")
+
+
+def save_model(
+    run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+) -> Path:
+    """adapter/ for adapter runs (PeftModel.from_pretrained-loadable), model/ for full fine-tuning.
+
+    The tokenizer is saved beside it with the training template as its chat template, so
+    `apply_chat_template(..., add_generation_prompt=True)` renders exactly the training prompt.
+    """
+    out = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+    if isinstance(model, PeftModel):
+        # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
+        # inside the adapter and re-created deterministically on load (sftlab.model.tokens): a small adapter.
+        model.save_pretrained(out, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out)
+    tokenizer.chat_template = template.to_jinja()
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _logged(trainer: Any, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
+
+
+def final_metrics(trainer: Any, **extra: Any) -> dict:
+    """metrics.json: final and best losses from the trainer, plus what the caller adds (eval, data counts)."""
+    cb = trainer.checkpoint_callback
+    best = float(cb.best_model_score) if cb is not None and cb.best_model_score is not None else None
+    return {
+        "train": {"loss": _logged(trainer, "train/loss")},
+        "val": {
+            "loss": _logged(trainer, "val/loss"),
+            "best_loss": best if best is not None else _logged(trainer, "val/loss"),
+        },
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        **extra,
+    }
