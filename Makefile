@@ -30,9 +30,11 @@ bench: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
+# ruff, and the layer contract of the architecture (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)
 	$(PY) -m ruff check src tests train.py
 	$(PY) -m ruff format --check src tests train.py
+	.venv/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(PY) -m ruff format src tests train.py

@@ -12,8 +12,8 @@ import pytest
 from sftlab.build import load_run
 from sftlab.cli.chat import ChatArgs, chat
 from sftlab.model.generate import generate
-from tests.conftest import ROOT
 from tests.cli.test_eval import make_adapter_run
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
