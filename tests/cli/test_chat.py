@@ -74,3 +74,15 @@ def test_sftlab_chat_reads_stdin_when_not_a_terminal(run_dir):
     )[0]["text"]
     assert proc.stdout.splitlines() == [first]
     assert "/reset starts over" in proc.stderr
+
+
+def test_seeded_sampling_replies_reproducibly(run_dir):
+    run = load_run(run_dir)
+
+    def replies(**sampling) -> list[str]:
+        out = io.StringIO()
+        chat(run, ChatArgs(run=str(run_dir), max_new_tokens=8, **sampling), io.StringIO("Hi\n"), out)
+        return out.getvalue().splitlines()
+
+    sampled = replies(temperature=1.0, seed=3)
+    assert sampled == replies(temperature=1.0, seed=3) != replies()

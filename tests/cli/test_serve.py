@@ -9,13 +9,12 @@ import sys
 
 import openai
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from sftlab.build import load_run
 from sftlab.cli.serve import parse_request, stream_text
 from sftlab.data.tokenize import encode_prompt
-from sftlab.model.generate import generate
+from sftlab.model.generate import generate, stream_ids
 from tests.conftest import make_adapter_run
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -83,6 +82,16 @@ def test_stop_string_cuts_the_answer(client, expected):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_seeded_sampling_is_reproducible(client, expected):
+    def ask(seed: int) -> str:
+        r = client.chat.completions.create(
+            model="tiny", messages=QUESTION, temperature=1.0, max_tokens=10, seed=seed
+        )
+        return r.choices[0].message.content
+
+    assert ask(seed=1) == ask(seed=1) != expected["text"]
+
+
 def test_bad_request_is_a_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
@@ -93,9 +102,7 @@ def test_generation_stops_at_the_templates_end_of_turn_token(run_dir, tmp_path):
     right before it, without it, with finish_reason "stop"."""
     run = load_run(run_dir)
     prompt = encode_prompt(QUESTION, run.template, run.tokenizer)
-    with torch.no_grad():
-        out = run.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
-    out = out.tolist()
+    out = list(stream_ids(run.model, prompt, stops=[], max_new_tokens=10))  # greedy, never stopping
     tok = run.tokenizer
     k, marker = next(
         (k, tok.decode([t]))

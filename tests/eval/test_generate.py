@@ -1,113 +1,20 @@
-"""Generation and the eval suite on the tiny random model: batching, prompts, metrics, result files."""
+"""The eval suite on the tiny random model: metrics, evaluator composition, result files (the generation loop
+itself is tested in tests/model/test_generate.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from sftlab import build
-from sftlab.data.formats import split_prompt
-from sftlab.data.tokenize import IGNORE_INDEX, encode_conversations, encode_prompt
+from sftlab.data.tokenize import IGNORE_INDEX, encode_conversations
 from sftlab.errors import ConfigError
 from sftlab.eval import metrics
 from sftlab.eval.generate import GenerationEval
 from sftlab.eval.suite import EvalSuite, build_evaluators
-from sftlab.model.generate import generate, stop_token_ids
-
-CONVS = [
-    [
-        {"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): 11 March 1991"},
-        {"role": "assistant", "content": "1991-03-11"},
-    ],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [
-        {"role": "system", "content": "You are terse."},
-        {
-            "role": "user",
-            "content": "Name a colour, and then explain at some length why you picked that one.",
-        },
-        {"role": "assistant", "content": "Blue."},
-        {"role": "user", "content": "Another?"},
-        {"role": "assistant", "content": "Red."},
-    ],
-    [{"role": "user", "content": "2048, January 31 -> ISO?"}, {"role": "assistant", "content": "2048-01-31"}],
-    [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}],
-]
-
-
-@pytest.fixture
-def lively_model(tiny_model):
-    """The tiny model with larger seeded random weights: its greedy outputs differ from prompt to prompt (the
-    stock init answers every prompt with newlines, which would make batched == one-by-one trivially true)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in tiny_model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return tiny_model
-
-
-def test_batched_greedy_equals_one_by_one(lively_model, tokenizer, chatml):
-    histories = [split_prompt(c)[0] for c in CONVS]
-    lengths = {len(encode_prompt(h, chatml, tokenizer)) for h in histories}
-    assert len(lengths) == len(histories)  # every row but the longest is really left-padded
-    one = generate(lively_model, tokenizer, chatml, histories, max_new_tokens=12, batch_size=1)
-    batched = generate(lively_model, tokenizer, chatml, histories, max_new_tokens=12, batch_size=8)
-    assert batched == one
-    assert len({o["text"] for o in one}) == len(histories)
-
-
-def _manual_greedy(model, prefix: list[int], steps: int, stops: list[int]) -> list[int]:
-    ids, out = torch.tensor([prefix]), []
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
-            if nxt in stops:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
-
-
-@pytest.mark.parametrize("conv", [CONVS[0], CONVS[2]], ids=["single_turn", "multi_turn_system"])
-def test_generation_prompt_is_the_training_prefix(lively_model, tokenizer, chatml, conv):
-    """The ids generation feeds the model are the training tokens before the last response, whose first
-    supervised label is the first response token; decoding from that exact prefix gives generate()'s text."""
-    history, reference = split_prompt(conv)
-    train = encode_conversations([conv], chatml, tokenizer)[0]
-    prompt = encode_prompt(history, chatml, tokenizer)
-    assert train.input_ids[: len(prompt)] == prompt
-    first_response = tokenizer(reference, add_special_tokens=False)["input_ids"][0]
-    assert train.labels[len(prompt)] == first_response
-    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
-    stops = stop_token_ids(chatml, tokenizer)
-    assert stops == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    expected = _manual_greedy(lively_model, train.input_ids[: len(prompt)], 10, stops)
-    got = generate(lively_model, tokenizer, chatml, [history], max_new_tokens=10)[0]
-    assert got["text"] == tokenizer.decode(expected, skip_special_tokens=True)
-    assert got["new_tokens"] == len(expected) + got["stopped"]
-
-
-def test_stops_at_the_templates_end_of_turn_and_reports_no_stop(lively_model, tokenizer, chatml):
-    """Generation ends at the template's stop token (excluded from the text); without one it runs to
-    max_new_tokens and is reported as not stopped."""
-    history = split_prompt(CONVS[1])[0]
-    prompt = encode_prompt(history, chatml, tokenizer)
-    free = generate(lively_model, tokenizer, chatml, [history], max_new_tokens=6)[0]
-    expected = _manual_greedy(lively_model, prompt, 6, stops=[])
-    text = tokenizer.decode(expected, skip_special_tokens=True)
-    assert free == {"text": text, "stopped": False, "new_tokens": 6}
-    stop = expected[2]  # pretend the third greedy token is this template's end-of-turn marker
-    assert stop not in expected[:2]
-    template = dataclasses.replace(chatml, stop_strings=[tokenizer.decode([stop])])
-    assert stop in stop_token_ids(template, tokenizer)
-    out = generate(lively_model, tokenizer, template, [history], max_new_tokens=6)[0]
-    text = tokenizer.decode(expected[:2], skip_special_tokens=True)
-    assert out == {"text": text, "stopped": True, "new_tokens": 3}
+from tests.model.test_generate import CONVS
 
 
 def test_text_metrics_exact_values():

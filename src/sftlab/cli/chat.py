@@ -7,7 +7,8 @@ When stdin is not a terminal, lines are read from it one message each, so a chat
 (one line each); the banner goes to stderr.
 
 Options: `base=true` chats with the run's base model (adapter disabled), `system=...` sets a system message,
-`max_new_tokens`, and `temperature` (0 = greedy, the default, as in evaluation).
+`max_new_tokens`, and `temperature` (0 = greedy, the default, as in evaluation), with `top_p` and `seed` when
+sampling. Generation is sftlab.model.generate's loop, the one evaluation and `sftlab-serve` use.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from typing import TextIO
 
 import torch
 from peft import PeftModel
-from transformers import TextStreamer
 
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import SFTLabError
-from sftlab.model.generate import stop_token_ids
+from sftlab.model.generate import Sampling, stop_token_ids, stream_text
 
 log = logging.getLogger("sftlab.chat")
 COMMANDS = {"/reset", "/exit", "/quit"}
@@ -36,13 +36,15 @@ COMMANDS = {"/reset", "/exit", "/quit"}
 @dataclass
 class ChatArgs:
     """run: a train.py run directory (or an sftlab-merge output). base: chat with the base model instead.
-    system: an optional system message. temperature: 0 = greedy."""
+    system: an optional system message. temperature: 0 = greedy; top_p, seed: for temperature > 0."""
 
     run: str = "???"
     base: bool = False
     system: str | None = None
     max_new_tokens: int = 256
     temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 def read_messages(stream: TextIO) -> Iterator[str]:
@@ -57,32 +59,21 @@ def read_messages(stream: TextIO) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-@torch.no_grad()
 def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> str:
     """Generate the next assistant turn, streaming its text to `out`; returns the text."""
-    ids = torch.tensor([encode_prompt(history, run.template, run.tokenizer)], device=run.model.device)
-    streamer = TextStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="", file=out, flush=True)
-    sampling = (
-        {"do_sample": True, "temperature": args.temperature}
-        if args.temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    stops = stop_token_ids(run.template, run.tokenizer)
-    generated = run.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        streamer=streamer,
+    parts = []
+    for delta, _ in stream_text(
+        run.model,
+        run.tokenizer,
+        encode_prompt(history, run.template, run.tokenizer),
+        stop_token_ids(run.template, run.tokenizer),
         max_new_tokens=args.max_new_tokens,
-        eos_token_id=stops,
-        pad_token_id=run.tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
-    new = generated[0, ids.shape[1] :].tolist()
-    stop_at = next((i for i, t in enumerate(new) if t in stops), len(new))
+        sampling=Sampling(args.temperature, args.top_p, args.seed),
+    ):
+        print(delta, end="", file=out, flush=True)
+        parts.append(delta)
     print(file=out, flush=True)
-    return run.tokenizer.decode(new[:stop_at], skip_special_tokens=True)
+    return "".join(parts)
 
 
 def chat(run: LoadedRun, args: ChatArgs, stdin: TextIO, stdout: TextIO) -> list[dict]:

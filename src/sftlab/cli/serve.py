@@ -3,7 +3,9 @@
 For a laptop and for tests; vLLM on the merged directory (`sftlab-merge`) is the production path. Endpoints:
 `GET /v1/models` and `POST /v1/chat/completions` (non-streaming, and streaming as server-sent events).
 The prompt is the run's template tokenized exactly as in training (`encode_prompt`), and generation stops at
-the template's end-of-turn token, so the model is asked the way it was taught.
+the template's end-of-turn token, so the model is asked the way it was taught. Generation is
+sftlab.model.generate's loop (the one evaluation and `sftlab-chat` use); this module adds the HTTP API and the
+`stop` strings, cut from the streamed text.
 
 Decisions: stdlib `http.server` (no web framework dependency); one request generates at a time (a lock: one
 model, one CPU); `temperature` defaults to 1.0 as in the OpenAI API, `temperature=0` is greedy and matches
@@ -31,7 +33,8 @@ from sftlab.cli.args import parse
 from sftlab.data.formats import ROLES
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import SFTLabError
-from sftlab.model.generate import stop_token_ids
+from sftlab.model import generate
+from sftlab.model.generate import Sampling, stop_token_ids
 
 log = logging.getLogger("sftlab.serve")
 
@@ -56,10 +59,8 @@ class BadRequest(ValueError):
 class Request:
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float
-    top_p: float
+    sampling: Sampling
     stop: list[str]
-    seed: int | None
     stream: bool
 
 
@@ -88,66 +89,42 @@ def parse_request(body: dict, run: LoadedRun, cap: int) -> Request:
         raise BadRequest("only n=1 is supported")
     stop = body.get("stop") or []
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or cap
-    temperature = body.get("temperature")
+    temperature, seed = body.get("temperature"), body.get("seed")
     return Request(
         prompt_ids=encode_prompt(msgs, run.template, run.tokenizer),
         max_tokens=min(int(max_tokens), cap),
-        temperature=1.0 if temperature is None else float(temperature),
-        top_p=float(body.get("top_p") or 1.0),
+        sampling=Sampling(
+            temperature=1.0 if temperature is None else float(temperature),
+            top_p=float(body.get("top_p") or 1.0),
+            seed=None if seed is None else int(seed),
+        ),
         stop=[stop] if isinstance(stop, str) else list(stop),
-        seed=body.get("seed"),
         stream=bool(body.get("stream")),
     )
-
-
-def _pick(logits: torch.Tensor, req: Request, gen: torch.Generator | None) -> int:
-    if req.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / req.temperature, dim=-1)
-    if req.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < req.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-@torch.no_grad()
-def generate_tokens(model: torch.nn.Module, req: Request, stops: set[int]) -> Iterator[int]:
-    """Token ids one at a time (KV cache), until an end-of-turn token (not yielded) or `max_tokens`."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(req.seed)) if req.seed is not None else None
-    ids, past = torch.tensor([req.prompt_ids], device=device), None
-    for _ in range(req.max_tokens):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        token = _pick(out.logits[0, -1], req, gen)
-        if token in stops:
-            return
-        yield token
-        ids, past = torch.tensor([[token]], device=device), out.past_key_values
 
 
 def stream_text(run: LoadedRun, req: Request) -> Iterator[tuple[str, str | None, int]]:
     """(text delta, finish reason or None, tokens so far): text is held back while it could still become a
     stop string."""
-    ids: list[int] = []
-    sent = 0
+    text, sent, n = "", 0, 0
     hold = max((len(s) for s in req.stop), default=1) - 1
-    stops = set(stop_token_ids(run.template, run.tokenizer))
-    for token in generate_tokens(run.model, req, stops):
-        ids.append(token)
-        text = run.tokenizer.decode(ids, skip_special_tokens=True)
+    for delta, n in generate.stream_text(
+        run.model,
+        run.tokenizer,
+        req.prompt_ids,
+        stop_token_ids(run.template, run.tokenizer),
+        max_new_tokens=req.max_tokens,
+        sampling=req.sampling,
+    ):
+        text += delta
         cut = min((text.find(s) for s in req.stop if s in text), default=-1)
         if cut >= 0:
-            yield text[sent:cut], "stop", len(ids)
+            yield text[sent:cut], "stop", n
             return
-        safe = len(text) - hold if req.stop else len(text)
-        if text.endswith("\ufffd"):  # half of a multi-byte character
-            safe = min(safe, len(text) - 1)
-        if safe > sent:
-            yield text[sent:safe], None, len(ids)
-            sent = safe
-    finish = "stop" if len(ids) < req.max_tokens else "length"
-    yield run.tokenizer.decode(ids, skip_special_tokens=True)[sent:], finish, len(ids)
+        if len(text) - hold > sent:
+            yield text[sent : len(text) - hold], None, n
+            sent = len(text) - hold
+    yield text[sent:], "stop" if n < req.max_tokens else "length", n
 
 
 def completion(run: LoadedRun, req: Request, name: str) -> dict:
