@@ -76,7 +76,10 @@ def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[st
         f"+callbacks.record.path={run_dir / 'batches.jsonl'}",
     )
     if kill_at is not None:
-        cmd += ["+callbacks.kill._target_=tests.training.test_resume.KillAt", f"+callbacks.kill.step={kill_at}"]
+        cmd += [
+            "+callbacks.kill._target_=tests.training.test_resume.KillAt",
+            f"+callbacks.kill.step={kill_at}",
+        ]
     return cmd
 
 
