@@ -203,18 +203,22 @@ class Origin:
         if isinstance(option, str) and option in self.options(group):
             chain = self.chain(f"{group}/{option}.yaml")
             for file in chain:
-                if (
-                    rest
-                    and OmegaConf.select(file.cfg, key if file.is_global else rest, default=_ABSENT)
-                    is not _ABSENT
-                ):
+                at = key if file.is_global else rest
+                if rest and _sets(file.cfg, at):
                     return f"{file.name} or the command line"
             if chain:
                 return f"{chain[0].name} or the command line"
         return f"{self.config_name}.yaml, an experiment or the command line"
 
 
-_ABSENT = object()
+def _sets(cfg: DictConfig, key: str) -> bool:
+    """Whether a file's content writes `key` (an interpolation there need not resolve)."""
+    node: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _simple_type(annotation: Any) -> tuple[type, ...] | None:
