@@ -1,4 +1,5 @@
-"""Bad configs are rejected before anything loads, all problems at once, each naming its key."""
+"""Bad configs are rejected before anything loads, all problems at once, each naming its key and file,
+wherever on Hydra's search path the file lies."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import sys
 import pytest
 
 from sftlab import build
-from sftlab.config import validate
+from sftlab.config import Origin, validate
 from sftlab.errors import ConfigError
 from tests.conftest import ROOT
 
-CHOICES = {"optimizer": "adamw", "adapter": "lora", "model": "tiny_random"}
+
+def check(overrides: list[str]) -> None:
+    validate(*build.compose_with_origin(["model=tiny_random", *overrides], output_dir="/tmp/unused"))
+
+
 INVALID = [
     (["optimizer.lr=-1e-4"], "optimizer.lr=-0.0001", "must be a number > 0"),
     (["optimizer.lr=0"], "optimizer.lr=0", "must be a number > 0"),
@@ -25,7 +30,12 @@ INVALID = [
     (["+adapter.rank=8"], "adapter.rank: unknown key", "accepts: bias, lora_alpha"),
     (["+optimizer.betas1=0.9"], "optimizer.betas1: unknown key", "torch.optim.AdamW accepts"),
     (["+seeed=1"], "seeed: unknown top-level key", "`+seeed=...` typo"),
-    (["+model.dtyp=float32"], "model.dtyp: unknown key", "allowed: "),
+    (["+model.dtyp=float32"], "model.dtyp: unknown key", "did you mean dtype?"),
+    (
+        ["+model.flash=true"],
+        "model.flash: unknown key",
+        "allowed: allow_cpu, allow_pickle, attn_implementation",
+    ),
     (["model.dtype=float8"], "model.dtype='float8'", "float32, bfloat16, float16"),
     (["data.max_length=0"], "data.max_length=0", "integer >= 1"),
     (["data.batch_size=0"], "data.batch_size=0", "integer >= 1"),
@@ -44,9 +54,8 @@ INVALID = [
 
 @pytest.mark.parametrize(("overrides", "key", "allowed"), INVALID, ids=[o[0][0] for o in INVALID])
 def test_invalid_override_is_rejected_naming_key_value_and_rule(overrides, key, allowed):
-    cfg = build.compose(["model=tiny_random", *overrides], output_dir="/tmp/unused")
     with pytest.raises(ConfigError) as info:
-        validate(cfg, CHOICES)
+        check(overrides)
     message = str(info.value)
     assert key in message and allowed in message
     assert "(1 problem(s))" in message  # one problem, reported once
@@ -54,14 +63,33 @@ def test_invalid_override_is_rejected_naming_key_value_and_rule(overrides, key, 
 
 def test_every_shipped_option_is_valid():
     for overrides in ([], ["adapter=qlora"], ["adapter=none", "optimizer=sgd"], ["experiment=smoke"]):
-        validate(build.compose(["model=tiny_random", *overrides], output_dir="/tmp/unused"), CHOICES)
+        check(overrides)
 
 
 def test_all_problems_are_reported_together_and_the_source_file_named():
-    cfg = build.compose(["optimizer.lr=-1", "adapter.r=0", "+foo=1"], output_dir="/tmp/unused")
     with pytest.raises(ConfigError, match=r"3 problem\(s\)") as info:
-        validate(cfg, CHOICES)
-    assert "conf/optimizer/adamw.yaml" in str(info.value) and "conf/adapter/lora.yaml" in str(info.value)
+        check(["optimizer.lr=-1", "adapter.r=0", "+foo=1"])
+    assert f"{ROOT}/conf/optimizer/adamw.yaml" in str(info.value)
+    assert f"{ROOT}/conf/adapter/lora.yaml" in str(info.value)
+
+
+def test_a_key_an_option_inherits_is_blamed_on_the_file_that_sets_it():
+    """dora.yaml extends lora.yaml: `r` is written in lora.yaml, `use_dora` in dora.yaml."""
+    with pytest.raises(ConfigError) as info:
+        check(["adapter=dora", "adapter.r=0", "adapter.use_dora=maybe"])
+    message = str(info.value)
+    assert f"adapter.r=0 ({ROOT}/conf/adapter/lora.yaml or the command line)" in message
+    assert f"adapter.use_dora='maybe' ({ROOT}/conf/adapter/dora.yaml or the command line)" in message
+
+
+def test_allow_cpu_is_a_documented_model_key():
+    """Set without `+` (it is in conf/model_defaults.yaml, with its meaning), and valid."""
+    cfg, origin = build.compose_with_origin(["model=mistral7b", "model.allow_cpu=true"], output_dir="/tmp/u")
+    assert cfg.model.allow_cpu is True
+    validate(cfg, origin)
+    assert build.compose(["model=mistral7b"]).model.allow_cpu is False
+    base = (ROOT / "conf/model_defaults.yaml").read_text()
+    assert "allow_cpu: false" in base and "3B parameters" in base
 
 
 def test_train_py_rejects_before_loading_anything(tmp_path):
@@ -86,3 +114,87 @@ def test_train_py_rejects_before_loading_anything(tmp_path):
     assert "optimizer.lr=-1" in proc.stderr + proc.stdout and "adapter.rank" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     assert not cache.exists()
+
+
+# ---- a config dir of the user's own, on Hydra's search path ------------------------------------------------
+USER_MODEL = """\
+defaults:
+  - /model_defaults@_here_
+  - _self_
+
+name: mymodel
+name_or_path: /models/mymodel
+context_length: 4096
+rope_note: yarn x4          # a key of its own (read by the user's code)
+"""
+USER_GROUP = """\
+_target_: textwrap.TextWrapper
+width: 40
+"""
+
+
+def user_config_dir(folder, model: str = USER_MODEL, group: str = USER_GROUP):
+    (folder / "model").mkdir(parents=True)
+    (folder / "mygroup").mkdir()
+    (folder / "model" / "mymodel.yaml").write_text(model)
+    (folder / "mygroup" / "thing.yaml").write_text(group)
+    return folder
+
+
+def compose_user(folder, *overrides: str):
+    return build.compose_with_origin(
+        [f"hydra.searchpath=[file://{folder}]", "model=mymodel", "+mygroup=thing", *overrides],
+        output_dir="/tmp/u",
+    )
+
+
+def test_options_keys_and_groups_of_a_user_config_dir_are_accepted(tmp_path):
+    cfg, origin = compose_user(user_config_dir(tmp_path))
+    assert (cfg.model.rope_note, cfg.model.dtype, cfg.mygroup.width) == ("yarn x4", "bfloat16", 40)
+    validate(cfg, origin)
+    # Checked against the shipped conf/ alone, the same config is wrong twice: why validation follows Hydra.
+    with pytest.raises(
+        ConfigError, match=r"mygroup: unknown top-level key[\s\S]*model.rope_note: unknown key"
+    ):
+        validate(cfg, Origin.shipped(origin.choices))
+
+
+def test_a_typo_in_a_user_file_is_rejected_naming_that_file(tmp_path):
+    model = USER_MODEL.replace(
+        "context_length: 4096", "context_length: 4096\ndtype: bfloat61\ndtyep: float32"
+    )
+    folder = user_config_dir(tmp_path, model=model, group=USER_GROUP.replace("width", "widht"))
+    with pytest.raises(ConfigError) as info:
+        validate(*compose_user(folder))
+    message, model_file = str(info.value), folder.resolve() / "model" / "mymodel.yaml"
+    assert "(3 problem(s))" in message
+    assert f"model.dtyep: unknown key ({model_file} or the command line); did you mean dtype?" in message
+    assert f"model.dtype='bfloat61' ({model_file} or the command line): must be one of" in message
+    assert f"mygroup.widht: unknown key ({folder.resolve() / 'mygroup' / 'thing.yaml'}" in message
+
+
+def test_train_py_validates_a_config_dir_given_with_config_dir(tmp_path):
+    """`--config-dir`: the user's model and group are accepted (only the two real problems are reported),
+    and the problem in the user's file names it."""
+    folder = user_config_dir(tmp_path / "conf", model=USER_MODEL + "dtype: float8\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config-dir",
+            str(folder),
+            "model=mymodel",
+            "+mygroup=thing",
+            "optimizer.lr=-1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "(2 problem(s))" in out, out
+    assert "optimizer.lr=-1" in out
+    assert f"model.dtype='float8' ({folder.resolve() / 'model' / 'mymodel.yaml'} or the command line)" in out

@@ -20,12 +20,12 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftlab import paths
-from sftlab.config import validate
+from sftlab.config import Origin, validate
 from sftlab.data.datamodule import SFTDataModule
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
@@ -54,13 +54,27 @@ def compose(
 ) -> DictConfig:
     """The shipped config + overrides, as the command line composes it. Outside a Hydra app
     `${hydra:runtime.output_dir}` cannot resolve, so `output_dir` makes `paths.output_dir` concrete."""
+    cfg, _ = compose_with_origin(overrides, output_dir, config_name, return_hydra_config)
+    return cfg
+
+
+def compose_with_origin(
+    overrides: list[str] | tuple[str, ...] = (),
+    output_dir: str | Path | None = None,
+    config_name: str = "train",
+    return_hydra_config: bool = False,
+) -> tuple[DictConfig, Origin]:
+    """`compose`, and where Hydra composed it from (config sources incl. `hydra.searchpath`, chosen options):
+    what `validate` needs to find the files of a config dir of your own."""
     with initialize_config_dir(config_dir=str(paths.config_dir()), version_base="1.3"):
-        cfg = hydra_compose(
-            config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
-        )
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    origin = Origin.from_hydra(cfg.hydra)
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
     if output_dir is not None:
         OmegaConf.update(cfg, "paths.output_dir", str(output_dir))
-    return cfg
+    return cfg, origin
 
 
 def resolve_precision(precision: str | int) -> str | int:
@@ -72,9 +86,12 @@ def resolve_precision(precision: str | int) -> str | int:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
-def preflight(cfg: DictConfig, run_dir: Path) -> str:
-    """What can fail in seconds fails here, before a model or dataset loads. Returns the model source."""
-    validate(cfg, HydraConfig.get().runtime.choices if HydraConfig.initialized() else None)
+def preflight(cfg: DictConfig, run_dir: Path, origin: Origin | None = None) -> str:
+    """What can fail in seconds fails here, before a model or dataset loads. Returns the model source.
+    `origin`: where `cfg` was composed from; inside a Hydra app, Hydra's own record of it."""
+    if origin is None and HydraConfig.initialized():
+        origin = Origin.from_hydra(HydraConfig.get())
+    validate(cfg, origin)
     write.check_writable(run_dir)
     source = model_source(cfg.model)
     check_available(source, cfg.model)

@@ -3,18 +3,26 @@
 The schema of an option is the signature of the class or function its `_target_` names: a key that the target
 does not accept is a typo (`+adapter.rank=8`, `optimizer.betas1=...` in a YAML), and a value whose type
 contradicts a simple annotation (int, float, bool, str) is rejected without coercion. Options without a
-`_target_` (the model group) are checked against the union of keys their YAML files define. Ranges and
-choices that no signature can express live in RULES. Each problem names the key, the value given, the file
-it comes from, and what is allowed.
+`_target_` (the model group) are checked against the keys their YAML files define: the base every model
+extends (conf/model_defaults.yaml) and any key an option file adds, unless that key is one letter-slip from a
+base key (`dtyep`). Ranges and choices that no signature can express live in RULES. Each problem names the
+key, the value given, the file it comes from, and what is allowed.
+
+Files are looked up where Hydra composed them from (`Origin`: its config sources in search-path order, the
+primary config and the chosen options), so a config dir of your own on `hydra.searchpath` or `--config-dir`
+is checked like the shipped one, and a problem in one of its files names that file.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.resources
 import inspect
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sftlab import paths
 from sftlab.errors import ConfigError, SFTLabError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-TOP_LEVEL_EXTRA = {"optimized_metric"}
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -70,12 +76,149 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _where(key: str, choices: dict[str, str]) -> str:
-    group = key.split(".")[0]
-    option = choices.get(group)
-    if option and (CONF_DIR / group / f"{option}.yaml").is_file():
-        return f"conf/{group}/{option}.yaml or the command line"
-    return "conf/train.yaml, an experiment or the command line"
+@dataclass(frozen=True)
+class Source:
+    """One config source: a folder (`file`) or a package folder (`pkg`), as Hydra's search path lists it."""
+
+    root: Any  # pathlib.Path or an importlib.resources Traversable
+    label: str
+
+    @classmethod
+    def of(cls, schema: str, path: str) -> Source | None:
+        if schema == "file":
+            return cls(Path(path), path)
+        if schema == "pkg":  # pkg://package.module/sub/dir
+            module, _, sub = path.partition("/")
+            try:
+                root = importlib.resources.files(module)
+            except ModuleNotFoundError:
+                return None
+            return cls(root / sub if sub else root, f"pkg://{path}")
+        return None  # `structured` (Hydra's ConfigStore): no files to point at
+
+    def read(self, rel: str) -> tuple[str, str] | None:
+        """(the file's name for messages, its text), or None when this source has no such file."""
+        target = self.root / rel
+        if not target.is_file():
+            return None
+        name = str(Path(target).resolve()) if isinstance(target, Path) else f"{self.label}/{rel}"
+        return name, target.read_text(encoding="utf-8")
+
+    def listing(self, rel: str = "") -> list[Any]:
+        folder = self.root / rel if rel else self.root
+        return list(folder.iterdir()) if folder.is_dir() else []
+
+
+@dataclass(frozen=True)
+class OptionFile:
+    name: str  # the file, for messages
+    cfg: DictConfig  # its content without the defaults list
+    is_global: bool  # `# @package _global_`: its keys are top-level keys
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a composed config came from: Hydra's config sources (search-path order: the first holding a file
+    wins, as in Hydra), the primary config's name and the option chosen in each group."""
+
+    sources: tuple[Source, ...]
+    config_name: str = "train"
+    choices: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hydra(cls, hydra_cfg: Any) -> Origin:
+        """From `HydraConfig.get()` inside an app, or the `hydra` node of a config composed with it."""
+        found = (Source.of(s.schema, s.path) for s in hydra_cfg.runtime.config_sources)
+        choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
+        return cls(tuple(s for s in found if s), hydra_cfg.job.config_name or "train", choices)
+
+    @classmethod
+    def shipped(cls, choices: Mapping[str, Any] | None = None, config_name: str = "train") -> Origin:
+        """The shipped config alone, for a config whose Hydra node is gone."""
+        return cls((Source(paths.config_dir(), str(paths.config_dir())),), config_name, dict(choices or {}))
+
+    def load(self, rel: str) -> OptionFile | None:
+        for source in self.sources:
+            if (found := source.read(rel)) is not None:
+                name, text = found
+                cfg = OmegaConf.create(text) or OmegaConf.create({})
+                is_global = any(
+                    line.replace(" ", "") == "#@package_global_" for line in text.splitlines()[:10]
+                )
+                return OptionFile(name, cfg, is_global)
+        return None
+
+    def groups(self) -> set[str]:
+        return {
+            p.name
+            for s in self.sources
+            for p in s.listing()
+            if p.is_dir() and not p.name.startswith(("_", "."))
+        }
+
+    def options(self, group: str) -> set[str]:
+        return {p.name[:-5] for s in self.sources for p in s.listing(group) if p.name.endswith(".yaml")}
+
+    def chain(self, rel: str) -> list[OptionFile]:
+        """The file `rel` (group/option.yaml) and the files its defaults list extends, nearest first."""
+        file = self.load(rel)
+        if file is None:
+            return []
+        defaults = list(file.cfg.get("defaults") or [])
+        own = OptionFile(
+            file.name,
+            OmegaConf.masked_copy(file.cfg, [k for k in file.cfg if k != "defaults"]),
+            file.is_global,
+        )
+        group = rel.rpartition("/")[0]
+        chain = [own]
+        for entry in reversed(defaults):
+            if not isinstance(entry, str) or entry == "_self_":
+                continue  # `override /group: option` entries choose other groups' options
+            path, _, package = entry.partition("@")
+            if package in ("", "_here_"):
+                chain += self.chain((path[1:] if path.startswith("/") else f"{group}/{path}") + ".yaml")
+        return chain
+
+    def option_keys(self, group: str) -> tuple[set[str], dict[str, str]]:
+        """(keys of the bases the group's options extend, {a key an option adds: the file adding it})."""
+        base: set[str] = set()
+        added: dict[str, str] = {}
+        for option in sorted(self.options(group)):
+            own, *bases = self.chain(f"{group}/{option}.yaml") or [None]
+            for b in bases:
+                base |= {str(k) for k in b.cfg}
+            if own is not None:
+                for k in own.cfg:
+                    added.setdefault(str(k), own.name)
+        return base, {k: v for k, v in added.items() if k not in base}
+
+    def where(self, key: str) -> str:
+        """Where a key's value was set, for messages: the chosen option's file (or its base that sets the
+        key), else the primary config."""
+        group, _, rest = key.partition(".")
+        option = self.choices.get(group)
+        if isinstance(option, str) and option.startswith("["):  # eval=[a,b]: each option nests under its name
+            option = rest.partition(".")[0]
+        if isinstance(option, str) and option in self.options(group):
+            chain = self.chain(f"{group}/{option}.yaml")
+            for file in chain:
+                at = key if file.is_global else rest
+                if rest and _sets(file.cfg, at):
+                    return f"{file.name} or the command line"
+            if chain:
+                return f"{chain[0].name} or the command line"
+        return f"{self.config_name}.yaml, an experiment or the command line"
+
+
+def _sets(cfg: DictConfig, key: str) -> bool:
+    """Whether a file's content writes `key` (an interpolation there need not resolve)."""
+    node: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _simple_type(annotation: Any) -> tuple[type, ...] | None:
@@ -105,12 +248,12 @@ def _signature(target: str) -> tuple[set[str] | None, dict[str, Any]]:
     return names, hints
 
 
-def _check_target_node(path: str, node: DictConfig, choices: dict[str, str], problems: list[str]) -> None:
+def _check_target_node(path: str, node: DictConfig, origin: Origin, problems: list[str]) -> None:
     target = node["_target_"]
     try:
         names, hints = _signature(target)
     except (ImportError, AttributeError, ValueError) as err:
-        problems.append(f"{path}._target_={target!r} ({_where(path, choices)}): cannot be imported ({err}).")
+        problems.append(f"{path}._target_={target!r} ({origin.where(path)}): cannot be imported ({err}).")
         return
     for key in node:
         if key in HYDRA_KEYS:
@@ -118,7 +261,7 @@ def _check_target_node(path: str, node: DictConfig, choices: dict[str, str], pro
         full = f"{path}.{key}"
         if names is not None and key not in names:
             allowed = ", ".join(sorted(names - {"self"}))
-            problems.append(f"{full}: unknown key ({_where(full, choices)}); {target} accepts: {allowed}.")
+            problems.append(f"{full}: unknown key ({origin.where(full)}); {target} accepts: {allowed}.")
             continue
         value = OmegaConf.select(node, str(key))
         accepted = _simple_type(hints.get(key))
@@ -126,42 +269,47 @@ def _check_target_node(path: str, node: DictConfig, choices: dict[str, str], pro
             bad_bool = isinstance(value, bool) and bool not in accepted
             if bad_bool or not isinstance(value, accepted):
                 problems.append(
-                    f"{full}={value!r} ({_where(full, choices)}): must be of type "
+                    f"{full}={value!r} ({origin.where(full)}): must be of type "
                     f"{' or '.join(t.__name__ for t in accepted)}, got {type(value).__name__}."
                 )
 
 
-def _walk(path: str, node: Any, choices: dict[str, str], problems: list[str]) -> None:
+def _walk(path: str, node: Any, origin: Origin, problems: list[str]) -> None:
     if isinstance(node, DictConfig):
         if "_target_" in node:
-            _check_target_node(path, node, choices, problems)
+            _check_target_node(path, node, origin, problems)
         for key in node:
-            if key not in HYDRA_KEYS:
-                _walk(f"{path}.{key}" if path else str(key), node[key], choices, problems)
+            full = f"{path}.{key}" if path else str(key)
+            if OmegaConf.is_missing(node, key):
+                problems.append(f"{full}: no value (???); set it in {origin.where(full)}.")
+            elif key not in HYDRA_KEYS:
+                _walk(full, node[key], origin, problems)
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
-            _walk(f"{path}[{i}]", item, choices, problems)
+            _walk(f"{path}[{i}]", item, origin, problems)
 
 
-def _yaml_keys(folder: Path) -> set[str]:
-    keys: set[str] = set()
-    for file in folder.glob("*.yaml"):
-        keys |= {str(k) for k in OmegaConf.load(file) if k != "defaults"}
-    return keys
+def _check_model(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    base, added = origin.option_keys("model")
+    allowed = base | set(added)
+    for key in (str(k) for k in cfg.get("model") or {}):
+        near = difflib.get_close_matches(key, base, n=1, cutoff=0.8) if key not in base else []
+        if key not in allowed or near:
+            hint = f"did you mean {near[0]}?" if near else f"allowed: {', '.join(sorted(allowed))}."
+            problems.append(f"model.{key}: unknown key ({origin.where('model.' + key)}); {hint}")
 
 
-def _check_model(cfg: DictConfig, choices: dict[str, str], problems: list[str]) -> None:
-    allowed = _yaml_keys(CONF_DIR / "model") | {"allow_cpu"}
-    for key in cfg.get("model") or {}:
-        if key not in allowed:
-            problems.append(
-                f"model.{key}: unknown key ({_where('model', choices)}); "
-                f"allowed: {', '.join(sorted(allowed))}."
-            )
-
-
-def _check_top_level(cfg: DictConfig, problems: list[str]) -> None:
-    allowed = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | _yaml_keys(CONF_DIR) | TOP_LEVEL_EXTRA
+def _check_top_level(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    """Group names, the primary config's keys and keys set by options placed at the top level (`_global_`):
+    anything else came from a `+key=...` on the command line."""
+    allowed = origin.groups()
+    primary = origin.load(f"{origin.config_name}.yaml")
+    allowed |= {str(k) for k in (primary.cfg if primary else {}) if k != "defaults"}
+    for group in origin.groups():
+        for option in origin.options(group):
+            for file in origin.chain(f"{group}/{option}.yaml"):
+                if file.is_global:
+                    allowed |= {str(k) for k in file.cfg}
     for key in cfg:
         if key not in allowed:
             problems.append(
@@ -169,7 +317,7 @@ def _check_top_level(cfg: DictConfig, problems: list[str]) -> None:
             )
 
 
-def _check_rules(cfg: DictConfig, choices: dict[str, str], problems: list[str]) -> None:
+def _check_rules(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
     reported = {p.split("=")[0].split(":")[0] for p in problems}
     for key, (ok, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
@@ -178,14 +326,14 @@ def _check_rules(cfg: DictConfig, choices: dict[str, str], problems: list[str]) 
             and value != "__absent__"
             and not (ok(value) and not (isinstance(value, float) and math.isnan(value)))
         ):
-            problems.append(f"{key}={value!r} ({_where(key, choices)}): must be {allowed}.")
+            problems.append(f"{key}={value!r} ({origin.where(key)}): must be {allowed}.")
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and value not in options:
-            problems.append(f"{key}={value!r} ({_where(key, choices)}): must be one of {', '.join(options)}.")
+            problems.append(f"{key}={value!r} ({origin.where(key)}): must be one of {', '.join(options)}.")
 
 
-def _check_paths(cfg: DictConfig, choices: dict[str, str], problems: list[str]) -> None:
+def _check_paths(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
     for split in ("train", "val", "test"):
         key = f"data.{split}_path"
         value = OmegaConf.select(cfg, key, default=None)
@@ -196,18 +344,19 @@ def _check_paths(cfg: DictConfig, choices: dict[str, str], problems: list[str]) 
         except SFTLabError:
             exists = False
         if not exists:
-            problems.append(f"{key}={value!r} ({_where(key, choices)}): file not found.")
+            problems.append(f"{key}={value!r} ({origin.where(key)}): file not found.")
 
 
-def validate(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
-    """Raise one ConfigError listing every problem; `choices` maps group -> option (Hydra runtime.choices)."""
-    choices = dict(choices or {})
+def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
+    """Raise one ConfigError listing every problem. `origin`: where Hydra composed `cfg` from
+    (`Origin.from_hydra`); without it, the shipped config with no option choices known."""
+    origin = origin or Origin.shipped()
     problems: list[str] = []
-    _check_top_level(cfg, problems)
-    _check_model(cfg, choices, problems)
-    _walk("", cfg, choices, problems)
-    _check_rules(cfg, choices, problems)
-    _check_paths(cfg, choices, problems)
+    _check_top_level(cfg, origin, problems)
+    _check_model(cfg, origin, problems)
+    _walk("", cfg, origin, problems)
+    _check_rules(cfg, origin, problems)
+    _check_paths(cfg, origin, problems)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n{listing}")

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        help="only these runs: names as in the table, data-prep, first-step",
+        help="only these runs: names as in the table, data-prep, first-step, cli-latency",
     )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
@@ -310,12 +310,38 @@ def main(argv: list[str] | None = None) -> dict:
         _write(args.out, result)
     if not args.gpu_7b and wanted(args, "first-step"):
         result["first_step"] = first_step(args.override, workdir)
+    if wanted(args, "cli-latency"):
+        result["cli_latency_s"] = cli_latency()
     result["targets"] = targets(result)
     result["total_s"] = round(time.time() - started, 1)
     _write(args.out, result)
     print(render(result))
+    if "cli_latency_s" in result:
+        lat = result["cli_latency_s"]
+        print(
+            f"CLI latency: --help {lat['help']:.1f} s, --cfg job {lat['cfg_job']:.1f} s, "
+            f"completion {lat['completion']:.1f} s (target <= 3 s)"
+        )
     print(f"\nwritten {args.out} ({result['total_s']:.0f} s)")
     return result
+
+
+def cli_latency() -> dict[str, float]:
+    """Wall seconds of `sftlab-train --help`, `--cfg job` and one bash-completion request (what each TAB
+    costs), each a fresh process as the shell starts it."""
+    line = "sftlab-train model="  # as Hydra's bash completion passes it
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    seconds = {}
+    for name, args in (
+        ("help", ["--help"]),
+        ("cfg_job", ["--cfg", "job"]),
+        ("completion", ["-sc", "query=bash"]),
+    ):
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "sftlab.cli.train", *args]
+        subprocess.run(cmd, env=env, capture_output=True, check=True, timeout=300)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    return seconds
 
 
 def pooled(rounds: dict[str, list[Record]], warmup: int) -> list[Record]:

@@ -4,6 +4,9 @@ Every LoRA-family option has `r`, `lora_alpha`, `lora_dropout` and `target_modul
 `adapter.r=8,16` sweeps the rank whatever the adapter. `quantization_config()` is consulted *before* the base
 model loads (QLoRA loads 4-bit weights, LoRA8bit 8-bit ones); `apply()` wraps the loaded model.
 
+Defaults live in one place, the shipped `conf/adapter/*.yaml` (LoRA's in lora.yaml, which the other
+LoRA-family options extend): the dataclasses read them from there, so `LoRA()` is `adapter=lora`.
+
 `apply(model, new_token_ids)`: ids of the run's special tokens (model/tokens.py). With LoRA only those
 embedding rows train (peft `trainable_token_indices`, on the output head too when it is not tied), unless
 `modules_to_save` already names the embedding / head, in which case those whole matrices train.
@@ -17,13 +20,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
+from sftlab import paths
 from sftlab.model.load import DTYPES
 from sftlab.model.tokens import embedding_module_names
 
 log = logging.getLogger(__name__)
+
+
+def _shipped(option: str) -> dict[str, Any]:
+    """The values of the shipped `conf/adapter/<option>.yaml`, over those of the options it extends."""
+    cfg = OmegaConf.load(paths.config_dir() / "adapter" / f"{option}.yaml")
+    bases = [_shipped(b) for b in cfg.pop("defaults", []) if b != "_self_"]
+    return {**{k: v for b in bases for k, v in b.items()}, **OmegaConf.to_container(cfg)}
+
+
+_LORA, _QLORA, _LORA8BIT = _shipped("lora"), _shipped("qlora"), _shipped("lora8bit")
 
 
 @dataclass
@@ -48,15 +63,15 @@ class LoRA:
     alpha/sqrt(r), conf/adapter/rslora.yaml) are flags of the same peft LoRA, hence of this class.
     """
 
-    name: str = "lora"
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: Any = "all-linear"
-    modules_to_save: list[str] | None = None
-    use_dora: bool = False
-    use_rslora: bool = False
-    bias: str = "none"
+    name: str = _LORA["name"]
+    r: int = _LORA["r"]
+    lora_alpha: int = _LORA["lora_alpha"]
+    lora_dropout: float = _LORA["lora_dropout"]
+    target_modules: Any = _LORA["target_modules"]
+    modules_to_save: list[str] | None = _LORA["modules_to_save"]
+    use_dora: bool = _LORA["use_dora"]
+    use_rslora: bool = _LORA["use_rslora"]
+    bias: str = _LORA["bias"]
 
     def quantization_config(self) -> Any:
         return None
@@ -103,11 +118,11 @@ def _prepare_kbit(model: PreTrainedModel) -> PreTrainedModel:
 class QLoRA(LoRA):
     """LoRA on a 4-bit (NF4, double-quantized) frozen base (bitsandbytes; runs on CPU with bnb >= 0.46)."""
 
-    name: str = "qlora"
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    quant_storage: str = "uint8"
+    name: str = _QLORA["name"]
+    quant_type: str = _QLORA["quant_type"]
+    double_quant: bool = _QLORA["double_quant"]
+    compute_dtype: str = _QLORA["compute_dtype"]
+    quant_storage: str = _QLORA["quant_storage"]
 
     def quantization_config(self) -> BitsAndBytesConfig:
         return BitsAndBytesConfig(
@@ -126,8 +141,8 @@ class QLoRA(LoRA):
 class LoRA8bit(LoRA):
     """LoRA on an 8-bit (LLM.int8) frozen base: half the memory of bf16 weights, closer to them than NF4."""
 
-    name: str = "lora8bit"
-    llm_int8_threshold: float = 6.0
+    name: str = _LORA8BIT["name"]
+    llm_int8_threshold: float = _LORA8BIT["llm_int8_threshold"]
 
     def quantization_config(self) -> BitsAndBytesConfig:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.llm_int8_threshold)

@@ -179,7 +179,7 @@ def check_hardware(source: str, cfg: Any) -> None:
         raise SFTLabError(
             f"model.name_or_path={source!r} has about {n / 1e9:.1f}B parameters and no CUDA GPU is "
             "visible: training it on CPU would take days. Run on a GPU machine, pick a smaller model "
-            "(model=smollm2_135m), or set +model.allow_cpu=true to insist."
+            "(model=smollm2_135m), or set model.allow_cpu=true to insist."
         )
 
 
