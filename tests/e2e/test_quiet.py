@@ -1,4 +1,4 @@
-"""A run prints no warning its user cannot act on (sftlab.cli.quiet), and a piped run logs its progress."""
+"""A run prints no warning its user cannot act on (sftlab.quiet), and a piped run logs its progress."""
 
 from __future__ import annotations
 

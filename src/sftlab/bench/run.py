@@ -29,7 +29,6 @@ from sftlab.bench import data as gen
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
 from sftlab.bench.report import render, summarize, targets
 from sftlab.bench.stats import Record, steady
-from sftlab.cli.quiet import quiet
 
 log = logging.getLogger("sftlab.bench")
 
@@ -263,7 +262,6 @@ def peaks(device: torch.device, quick: bool, before: dict | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict:
-    quiet()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -1,6 +1,6 @@
-"""The commands. Importing this package silences the warnings no user can act on (`sftlab.cli.quiet`)
+"""The commands. Importing this package silences the warnings no user can act on (`sftlab.quiet`)
 before any command module loads torch, peft or Lightning."""
 
-from sftlab.cli.quiet import quiet
+from sftlab.quiet import quiet
 
 quiet()

@@ -2,8 +2,9 @@
 
 Each filter names one message and the module (or logger) that emits it, so the same library's other
 warnings still show, and says why hiding it is safe. Warnings a user can act on (a bad config, data
-dropped, a deprecated option they set) are not here. `quiet()` runs when `sftlab.cli` is imported, before a
-command module imports torch, peft or Lightning (bitsandbytes speaks once, at import); it is idempotent.
+dropped, a deprecated option they set) are not here. `quiet()` runs when `sftlab.cli` or `sftlab.bench` is
+imported, before a command module imports torch, peft or Lightning (bitsandbytes speaks once, at import); it
+is idempotent. A top-level module, not in cli/, because cli and bench may not import each other.
 """
 
 from __future__ import annotations
