@@ -31,8 +31,8 @@ _LOG_FILTERS = {
     "bitsandbytes.backends.cpu.ops": _DropMessages("Failed to load CPU gemm_4bit_forward from kernels"),
     # An advertisement for Lightning's cloud logger, printed by every Trainer; sftlab logs to W&B and CSV.
     "pytorch_lightning.utilities.rank_zero": _DropMessages("💡 Tip: For seamless cloud logging"),
-    # transformers 5 renamed the generation cache argument; peft's generation wrapper and transformers' own
-    # generate still pass the old name. Nothing in a user's config sets it.
+    # transformers renamed the KV-cache argument after 5.0, which knows only `past_key_values`; peft's
+    # generation wrappers and sftlab-serve pass that name, which works on every version sftlab allows.
     "transformers.utils.generic": _DropMessages("`past_key_values`/`cache_params` are deprecated"),
 }
 
