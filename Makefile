@@ -27,6 +27,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m sftlab.bench.run $(ARGS)
 
+# The site in docs/ (mkdocs.yml); --strict fails on a broken link or anchor and on a page missing from nav.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
