@@ -49,6 +49,15 @@ REDIRECTS = {">", ">>", "<", "2>", "&>"}
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun"}
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--resolve", "--shell-completion", "-sc"}
 RUN_DIR = "/nonexistent/sftlab-docs-check"
+# Overrides that need a Hydra plugin of the `sweeps` extra (installed by `make install`).
+PLUGINS = {
+    "hparams_search=optuna": "hydra_plugins.hydra_optuna_sweeper",
+    "hydra/launcher=local_parallel": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+}
 HYDRA_CONFIG_DIR_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn"}
 
 
@@ -310,6 +319,8 @@ COMMANDS = doc_commands()
 def test_documented_command_composes_or_parses(command):
     if command.skipped:
         pytest.skip(f"{command.where}: marked not checked")
+    for override in set(command.argv) & PLUGINS.keys():
+        pytest.importorskip(PLUGINS[override], reason=f"{override} needs the sweeps extra")
     why = problem(command.kind, command.argv)
     if command.invalid:
         assert why, f"{command.where}: `{command.text}` is marked invalid on purpose, but it is accepted"
