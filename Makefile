@@ -34,6 +34,11 @@ bench: $(STAMP)
 check-floors: $(STAMP)
 	PYTHON=$(PY) bash scripts/check_floors.sh $(ARGS)
 
+# The site in docs/ (mkdocs.yml); --strict fails on a broken link or anchor and on a page missing from nav.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
