@@ -32,6 +32,9 @@ PLACEHOLDERS = ("bos_token", "eos_token")
 class Segment:
     text: str
     train: bool
+    # Message text (not template markup): tokenized with special-token parsing off, so a chat marker typed
+    # in the content ("[INST]", "<|eot_id|>") stays plain text, as the vendors' encoders keep it.
+    literal: bool = False
 
 
 @dataclass
@@ -57,6 +60,9 @@ class ChatTemplate:
     bos: bool | str = False
     default_system: str | None = None
     stop_strings: list[str] = field(default_factory=list)
+    # Characters stripped from the end of a role's content, e.g. {assistant: " "}: mistral-common encodes
+    # `content.rstrip(" ")`, so a trailing space is never trained before Mistral's `</s>`.
+    rstrip: dict[str, str] = field(default_factory=dict)
     # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
     special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -98,7 +104,7 @@ class ChatTemplate:
         if self.system_mode == "merge_user" and msgs and msgs[0]["role"] == "system":
             system = msgs.pop(0)["content"]
             first_user = next((m for m in msgs if m["role"] == "user"), None)
-            if first_user is not None:
+            if first_user is not None and system:  # an empty system adds nothing (as mistral-common)
                 first_user["content"] = f"{system}\n\n{first_user['content']}"
         return msgs
 
@@ -115,7 +121,9 @@ class ChatTemplate:
             )
             segments.append(Segment(self._prefix(role), train_on == "all"))
             lead = self._fill(self.leads.get(role, ""))
-            segments.append(Segment(lead + m["content"] + self._suffix(role), trained))
+            content = m["content"].rstrip(self.rstrip[role]) if role in self.rstrip else m["content"]
+            segments.append(Segment(lead + content, trained, literal=True))
+            segments.append(Segment(self._suffix(role), trained))
             if self.separator:
                 segments.append(Segment(self._fill(self.separator), train_on == "all"))
         return [s for s in segments if s.text]
@@ -136,6 +144,7 @@ class ChatTemplate:
         j = json.dumps
         prefixes, suffixes = ({k: fill(v) for k, v in d.items()} for d in (self.prefixes, self.suffixes))
         leads = {k: fill(v) for k, v in self.leads.items()}
+        rstrip = j(self.rstrip)
         default_system = "none" if self.default_system is None else j(self.default_system)
         merge = "true" if self.system_mode == "merge_user" else "false"
         return (
@@ -143,11 +152,14 @@ class ChatTemplate:
             "{%- set msgs = messages -%}"
             f"{{%- if {default_system} is not none and (msgs|length == 0 or msgs[0]['role'] != 'system') -%}}"
             f"{{%- set msgs = [{{'role': 'system', 'content': {default_system}}}] + msgs -%}}{{%- endif -%}}"
+            f"{{%- set R = {rstrip} -%}}"
             "{%- set ns = namespace(system=none, merged=false) -%}"
             f"{{%- if {merge} and msgs|length > 0 and msgs[0]['role'] == 'system' -%}}"
-            "{%- set ns.system = msgs[0]['content'] -%}{%- set msgs = msgs[1:] -%}{%- endif -%}"
+            "{%- if msgs[0]['content'] -%}{%- set ns.system = msgs[0]['content'] -%}{%- endif -%}"
+            "{%- set msgs = msgs[1:] -%}{%- endif -%}"
             + ("{{- bos_token -}}" if self.uses_bos() else "")
             + "{%- for m in msgs -%}{%- set content = m['content'] -%}"
+            "{%- if m['role'] in R -%}{%- set content = content.rstrip(R[m['role']]) -%}{%- endif -%}"
             "{%- if ns.system is not none and m['role'] == 'user' and not ns.merged -%}"
             "{%- set content = ns.system + '\n\n' + content -%}{%- set ns.merged = true -%}{%- endif -%}"
             "{{- P.get(m['role'], P.get('default', '')).replace('{role}', m['role']) + L.get(m['role'], '')"
