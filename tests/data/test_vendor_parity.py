@@ -227,3 +227,139 @@ def test_chatml_matches_qwen2_5_chat_template(qwen, name):
         lambda i: jinja_ids(conversation[:i], generation=True),
         lambda i: qwen(conversation[i]["content"], add_special_tokens=False)["input_ids"] + [im_end],
     )
+
+
+# ---- tool calls: Mistral v3's [AVAILABLE_TOOLS] / [TOOL_CALLS] / [TOOL_RESULTS] ---------------------------
+def weather_tool(name: str = "get_weather", description: str | None = "Current weather of a city") -> dict:
+    fn = {
+        "name": name,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+    if description is not None:
+        fn["description"] = description
+    return {"type": "function", "function": fn}
+
+
+def call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def calls(*tool_calls: dict) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": list(tool_calls)}
+
+
+def result(call_id: str, content: str) -> dict:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+PARIS = call("call00001", "get_weather", '{"city": "Paris"}')
+TOKYO = call("call00002", "get_weather", '{"city": "東京"}')
+# (tools, OpenAI messages): sftlab reads them through the `messages` format reader, the vendor as they are.
+MISTRAL_TOOLS = {
+    "one_call": (
+        [weather_tool()],
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            calls(PARIS),
+            result("call00001", '{"temp_c": 18}'),
+            {"role": "assistant", "content": "18 °C in Paris."},
+        ],
+    ),
+    "system_and_tools": (
+        [weather_tool(), weather_tool("get_time", None)],
+        [
+            {"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "Paris?"},
+            calls(PARIS),
+            result("call00001", "sunny"),
+            {"role": "assistant", "content": "Sunny."},
+        ],
+    ),
+    "parallel_calls": (
+        [weather_tool()],
+        [
+            {"role": "user", "content": "Paris and Tokyo?"},
+            calls(PARIS, TOKYO),
+            result("call00001", '{"temp_c": 18}'),
+            result("call00002", '{"temp_c": 25, "sky": "晴れ"}'),
+            {"role": "assistant", "content": "18 and 25."},
+        ],
+    ),
+    "call_is_last_turn": (
+        [weather_tool()],
+        [
+            {
+                "role": "user",
+                # One text part: mistral-common encodes each part on its own (a dummy-prefix space before
+                # every part); sftlab joins the parts' text, as OpenAI and the HF templates read them.
+                "content": [{"type": "text", "text": "Tokyo, please"}],
+            },
+            calls(TOKYO),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISTRAL_TOOLS))
+def test_mistral_v3_tool_calls_match_mistral_common(mistral, name):
+    from sftlab.data.formats import to_messages
+
+    tools, messages = MISTRAL_TOOLS[name]
+    ours = to_messages({"messages": messages, "tools": tools}, "messages", "test:1")
+    # The vendor gets the list-of-parts user content as it is.
+    _, reference, tpl = mistral
+    tokenizer = mistral[0]
+    check_against_vendor(
+        tpl,
+        tokenizer,
+        ours,
+        mistral_ids(reference, messages, tools),
+        lambda i: mistral_ids(reference, messages[: i - 1], tools),  # ours[0] is the tools message
+        lambda i: mistral_assistant_ids(reference, messages[i - 1]),
+    )
+
+
+def test_templates_without_a_tool_format_refuse_tool_calls(qwen):
+    from sftlab.data.formats import to_messages
+    from sftlab.errors import DataError
+
+    tools, messages = MISTRAL_TOOLS["one_call"]
+    ours = to_messages({"messages": messages, "tools": tools}, "messages", "test:1")
+    with pytest.raises(DataError, match="template=chatml has no tool format"):
+        encode_conversations([ours], template("chatml"), qwen)
+    # A plain tool turn (no schemas, no calls) still renders as a role.
+    plain = [m for m in ours[1:] if not m.get("tool_calls")]
+    assert encode_conversations([plain], template("chatml"), qwen)[0].status == "kept"
+
+
+def test_tokenizer_template_renders_tools_with_the_models_own_jinja(qwen):
+    """template=tokenizer passes the schemas to Qwen2.5's Jinja: they land in the system turn, untrained; the
+    tool call (<tool_call> JSON) and the answer are trained with their <|im_end|>; the result is not."""
+    from sftlab.data.formats import to_messages
+    from sftlab.data.templates import TokenizerTemplate
+
+    tools, messages = MISTRAL_TOOLS["one_call"]
+    ours = to_messages({"messages": messages, "tools": tools}, "messages", "test:1")
+    tpl = TokenizerTemplate(chat_template=vendor.trl_chat_template("qwen2_5"))
+    ex = encode_conversations([ours], tpl, qwen)[0]
+    text = qwen.decode(ex.input_ids)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    trained = [qwen.decode(run) for run in supervised_runs(ex.input_ids, ex.labels)]
+    assert trained == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "18 °C in Paris.<|im_end|>",
+    ]
+    assert "<tool_response>\n" + '{"temp_c": 18}' in text
+    assert ex.input_ids == qwen.apply_chat_template(
+        ours[1:], tools=tools, chat_template=tpl.chat_template, return_dict=False
+    )
+
+
+def test_saved_template_refuses_tools_rather_than_dropping_them(mistral):
+    from jinja2.exceptions import TemplateError
+
+    tokenizer, _, tpl = mistral
+    tools, messages = MISTRAL_TOOLS["one_call"]
+    jinja = tpl.bind(tokenizer).to_jinja()
+    with pytest.raises(TemplateError, match="does not render tools"):
+        tokenizer.apply_chat_template(messages[:1], tools=tools, chat_template=jinja, tokenize=False)
