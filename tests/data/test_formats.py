@@ -47,7 +47,7 @@ LINES: list[tuple[bytes, str | None]] = [
         json.dumps(
             {
                 "messages": [
-                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
                     {"role": "assistant", "content": "x"},
                 ]
             }
@@ -208,3 +208,111 @@ def test_unreachable_hub_id(tokenizer, chatml):
     # Not a local file: treated as a hub dataset id; unreachable, it fails with advice.
     with pytest.raises(DataError, match=r"train_path='nobody/no-such-dataset': cannot load it with datasets"):
         datamodule(tokenizer, chatml, "nobody/no-such-dataset").setup()
+
+
+# ---- tool calls (OpenAI format) ---------------------------------------------------------------------------
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_openai_tool_calling_row_is_read_with_schemas_calls_and_ids():
+    row = {
+        "tools": [WEATHER_TOOL],
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call12345",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call12345", "content": '{"temp_c": 18}'},
+            {"role": "assistant", "content": "18 °C."},
+        ],
+    }
+    assert to_messages(row, None, "f:1") == [
+        {"role": "tools", "content": json.dumps([WEATHER_TOOL])},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call12345",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"temp_c": 18}', "tool_call_id": "call12345"},
+        {"role": "assistant", "content": "18 °C."},
+    ]
+
+
+def test_sharegpt_function_call_turns_become_tool_calls():
+    row = {
+        "tools": json.dumps([WEATHER_TOOL["function"]]),  # LLaMA-Factory stores bare schemas as a JSON string
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": "18"},
+            {"from": "gpt", "value": "18 °C."},
+        ],
+    }
+    messages = to_messages(row, None, "f:1")
+    assert messages[0] == {"role": "tools", "content": json.dumps([WEATHER_TOOL])}
+    assert messages[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ],
+    }
+    assert messages[3] == {"role": "tool", "content": "18"}
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"role": "assistant", "content": None}, "missing_field"),  # no content and no tool calls
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]},
+            "missing_field",
+        ),
+        (
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}],
+            },
+            "wrong_type",
+        ),
+        (
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}],
+            },
+            "wrong_type",
+        ),
+        ({"role": "assistant", "content": [{"type": "image_url"}]}, "wrong_type"),
+    ],
+)
+def test_bad_tool_calls_are_rejected_with_a_reason(message, reason):
+    with pytest.raises(BadRow) as err:
+        to_messages({"messages": [{"role": "user", "content": "q"}, message]}, None, "f:3")
+    assert err.value.reason == reason

@@ -37,6 +37,7 @@ MODELS = {  # config -> (template it selects, Hub id or None)
     "llama3_8b": ("llama3", "meta-llama/Meta-Llama-3-8B"),
     "gemma2_2b": ("gemma", "google/gemma-2-2b"),
     "qwen2_5_7b": ("chatml", "Qwen/Qwen2.5-7B"),
+    "qwen3_8b": ("chatml", "Qwen/Qwen3-8B"),
     "falcon7b": ("alpaca", "tiiuae/falcon-7b"),
 }
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}

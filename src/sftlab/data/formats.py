@@ -1,8 +1,11 @@
 """Dataset rows -> messages ([{"role", "content"}, ...]) or, for plain text, one document string.
 
 Formats (`data.format`, or detected per row from its keys when unset):
-  * `messages` (OpenAI): {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
-  * `sharegpt`: {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value": str}, ...]}
+  * `messages` (OpenAI): {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+    "tools": [schemas] (optional)}. Content may be a list of text parts ([{"type": "text", "text": ...}]);
+    an assistant turn may carry `tool_calls` (content null), a tool turn its `tool_call_id`.
+  * `sharegpt`: {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value": str}, ...],
+    "tools": (optional)}; `function_call` turns hold {"name", "arguments"} JSON (a tool call).
   * `alpaca`: {"instruction", "input" (optional), "output", "system" (optional)}
   * `prompt_completion`: {"prompt", "completion", "system" (optional)}
   * `text`: {"text"} — continued pre-training, every token trained.
@@ -17,8 +20,10 @@ rows by reason and strict mode can name the file, line, problem and fix.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 
+from sftlab.data.tools import TOOLS_ROLE
 from sftlab.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -31,6 +36,7 @@ SHAREGPT_ROLES = {
     "tool": "tool",
     "function_response": "tool",
     "observation": "tool",
+    "function_call": "assistant",
 }
 REASONS = (
     "bad_json",
@@ -80,8 +86,105 @@ def check_text(value: object, what: str, where: str, *, allow_empty: bool = Fals
     return value
 
 
-def check_messages(messages: object, where: str, key: str = "messages") -> list[dict]:
-    """Validate one conversation; raise BadRow naming `where` (file:line), the problem and the fix."""
+def text_of(content: object, what: str, where: str) -> object:
+    """A list of text parts ([{"type": "text", "text": ...}]) joined into one string; anything else as is."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRow(
+                where,
+                "wrong_type",
+                f"{what} has a {kind!r} part; only text parts ({{'type': 'text', 'text'}}) are supported.",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def check_tool_calls(calls: object, j: int, where: str) -> list[dict]:
+    """OpenAI tool calls -> [{"id"?, "type": "function", "function": {"name", "arguments": dict}}]."""
+    if not isinstance(calls, list) or not calls:
+        raise BadRow(where, "wrong_type", f"message {j} 'tool_calls' must be a non-empty list of calls.")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow(
+                where,
+                "missing_field",
+                f"message {j} tool call {k} needs 'function': {{'name': str, 'arguments': JSON}}.",
+            )
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends a JSON string; templates (and HF Jinja) want the object
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise BadRow(
+                    where, "wrong_type", f"message {j} tool call {k} 'arguments' is not valid JSON."
+                ) from None
+        if not isinstance(args, dict):
+            raise BadRow(where, "wrong_type", f"message {j} tool call {k} 'arguments' must be a JSON object.")
+        normal = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if call.get("id") is not None:
+            normal = {"id": check_text(call["id"], f"message {j} tool call {k} 'id'", where), **normal}
+        out.append(normal)
+    return out
+
+
+def check_tools(tools: object, where: str) -> list[dict] | None:
+    """Tool schemas (a list, or its JSON string as some datasets store it), or None."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise BadRow(where, "wrong_type", "field 'tools' is a string but not JSON.") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow(where, "wrong_type", "field 'tools' must be a list of tool schemas (objects).")
+    for t in tools:
+        fn = t.get("function", t)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow(where, "missing_field", "each tool needs 'function': {'name', 'parameters', ...}.")
+    # A bare function schema is wrapped as OpenAI does.
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def check_message(m: object, j: int, where: str) -> dict:
+    if not isinstance(m, dict):
+        raise BadRow(where, "wrong_type", f"message {j} must be an object, got {type(m).__name__}.")
+    if not isinstance(m.get("role"), str):
+        raise BadRow(
+            where,
+            "missing_field" if m.get("role") is None else "wrong_type",
+            f"message {j} needs a string 'role' (one of {', '.join(ROLES)}).",
+        )
+    role = m["role"]
+    if role not in ROLES:
+        raise BadRow(
+            where, "unknown_role", f"message {j} has unknown role {role!r}; allowed: {', '.join(ROLES)}."
+        )
+    what = f"message {j} ({role}) 'content'"
+    content = text_of(m.get("content"), what, where)
+    out: dict = {"role": role}
+    if role == "assistant" and m.get("tool_calls"):
+        out["content"] = check_text(content or "", what, where, allow_empty=True)
+        out["tool_calls"] = check_tool_calls(m["tool_calls"], j, where)
+    else:
+        out["content"] = check_text(content, what, where)
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                out[key] = check_text(m[key], f"message {j} (tool) {key!r}", where)
+    return out
+
+
+def check_messages(messages: object, where: str, key: str = "messages", tools: object = None) -> list[dict]:
+    """Validate one conversation; raise BadRow naming `where` (file:line), the problem and the fix.
+    Returns normalized messages (text content, parsed tool-call arguments), led by the tools message
+    ({"role": "tools", "content": JSON}) when there are tool schemas."""
     if messages is None:
         raise BadRow(where, "missing_field", f"field {key!r} is missing. Add it or map it with data.fields.")
     if not isinstance(messages, list):
@@ -90,30 +193,18 @@ def check_messages(messages: object, where: str, key: str = "messages") -> list[
         )
     if not messages:
         raise BadRow(where, "empty_content", f"field {key!r} is an empty list. Remove the row.")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRow(where, "wrong_type", f"message {j} must be an object, got {type(m).__name__}.")
-        if not isinstance(m.get("role"), str):
-            raise BadRow(
-                where,
-                "missing_field" if m.get("role") is None else "wrong_type",
-                f"message {j} needs a string 'role' (one of {', '.join(ROLES)}).",
-            )
-        if m["role"] not in ROLES:
-            raise BadRow(
-                where,
-                "unknown_role",
-                f"message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}.",
-            )
-        check_text(m.get("content"), f"message {j} ({m['role']}) 'content'", where)
-    if not any(m["role"] == "assistant" for m in messages):
+    out = [check_message(m, j, where) for j, m in enumerate(messages)]
+    if not any(m["role"] == "assistant" for m in out):
         raise BadRow(
             where,
             "no_assistant",
             "no assistant message, so nothing to train on. Add the response "
             "turn, or use data.format=text for plain documents.",
         )
-    return messages
+    schemas = check_tools(tools, where)
+    if schemas:
+        out.insert(0, {"role": TOOLS_ROLE, "content": json.dumps(schemas, ensure_ascii=False)})
+    return out
 
 
 class _Row:
@@ -143,8 +234,10 @@ def from_messages(r: _Row) -> list[dict]:
     raw = r.get("messages")
     role, content = r.name("role"), r.name("content")
     if isinstance(raw, list) and (role, content) != ("role", "content"):
-        raw = [{"role": m.get(role), "content": m.get(content)} if isinstance(m, dict) else m for m in raw]
-    return check_messages(raw, r.where, r.name("messages"))
+        raw = [
+            {**m, "role": m.get(role), "content": m.get(content)} if isinstance(m, dict) else m for m in raw
+        ]
+    return check_messages(raw, r.where, r.name("messages"), tools=r.get("tools"))
 
 
 def from_sharegpt(r: _Row) -> list[dict]:
@@ -162,8 +255,23 @@ def from_sharegpt(r: _Row) -> list[dict]:
                 "unknown_role" if isinstance(speaker, str) else "missing_field",
                 f"turn {j} has 'from' {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}.",
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": t.get(r.name("value"))})
-    return check_messages(messages, r.where, r.name("conversations"))
+        value = t.get(r.name("value"))
+        if speaker == "function_call":  # {"name", "arguments"} as JSON text (glaive / LLaMA-Factory)
+            call = _json_object(value, j, r.where)
+            messages.append({"role": "assistant", "content": None, "tool_calls": [{"function": call}]})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return check_messages(messages, r.where, r.name("conversations"), tools=r.get("tools"))
+
+
+def _json_object(value: object, j: int, where: str) -> dict:
+    try:
+        call = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        call = None
+    if not isinstance(call, dict):
+        raise BadRow(where, "wrong_type", f"turn {j} (function_call) must hold a JSON object with 'name'.")
+    return call
 
 
 def from_alpaca(r: _Row) -> list[dict]:

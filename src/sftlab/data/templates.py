@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftlab.data.tools import no_tool_format, split_tools, tool_format, uses_tools
 from sftlab.errors import ConfigError, DataError
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
@@ -32,6 +33,9 @@ PLACEHOLDERS = ("bos_token", "eos_token")
 class Segment:
     text: str
     train: bool
+    # Message text (not template markup): tokenized with special-token parsing off, so a chat marker typed
+    # in the content ("[INST]", "<|eot_id|>") stays plain text, as the vendors' encoders keep it.
+    literal: bool = False
 
 
 @dataclass
@@ -57,6 +61,12 @@ class ChatTemplate:
     bos: bool | str = False
     default_system: str | None = None
     stop_strings: list[str] = field(default_factory=list)
+    # Characters stripped from the end of a role's content, e.g. {assistant: " "}: mistral-common encodes
+    # `content.rstrip(" ")`, so a trailing space is never trained before Mistral's `</s>`.
+    rstrip: dict[str, str] = field(default_factory=dict)
+    # How the model writes tool schemas, calls and results (sftlab.data.tools.FORMATS), or None: then a
+    # conversation with tools or tool calls is refused (a plain `tool` turn still renders as a role).
+    tool_format: str | None = None
     # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
     special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -98,26 +108,53 @@ class ChatTemplate:
         if self.system_mode == "merge_user" and msgs and msgs[0]["role"] == "system":
             system = msgs.pop(0)["content"]
             first_user = next((m for m in msgs if m["role"] == "user"), None)
-            if first_user is not None:
+            if first_user is not None and system:  # an empty system adds nothing (as mistral-common)
                 first_user["content"] = f"{system}\n\n{first_user['content']}"
         return msgs
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
-        msgs = self._with_system(messages)
+        tools, msgs = split_tools(messages)
+        msgs = self._with_system(msgs)
+        fmt = tool_format(self.tool_format, self.name)
+        if fmt is None and uses_tools(tools, msgs):
+            raise no_tool_format(self.name)
+        first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+        if tools and first_user is None:
+            raise DataError(f"template={self.name}: tool schemas need a user turn to precede.")
         last_assistant = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        every = train_on == "all"
         segments: list[Segment] = []
         for i, m in enumerate(msgs):
             role = m["role"]
             trained = (
-                train_on == "all"
+                every
                 or (role == "assistant" and train_on == "all_assistant")
                 or (i == last_assistant and train_on == "last_assistant")
             )
-            segments.append(Segment(self._prefix(role), train_on == "all"))
-            lead = self._fill(self.leads.get(role, ""))
-            segments.append(Segment(lead + m["content"] + self._suffix(role), trained))
+            if tools and i == first_user:  # schemas go with the first user turn, as system messages do
+                segments += [
+                    Segment(fmt.tools_open, every),
+                    Segment(fmt.schemas(tools), every, literal=True),
+                    Segment(fmt.tools_close, every),
+                ]
+            segments.append(Segment(self._prefix(role), every))
+            if role == "assistant" and m.get("tool_calls"):
+                if m["content"]:
+                    raise DataError(
+                        f"template={self.name}: an assistant turn has both content and tool_calls; this "
+                        "model writes one or the other. Split it into two assistant turns."
+                    )
+                segments.append(Segment(fmt.calls_open, trained))
+                segments.append(Segment(fmt.calls(m["tool_calls"]), trained, literal=True))
+            else:
+                content = fmt.result(m) if fmt and role == "tool" else m["content"]
+                content = content.rstrip(self.rstrip[role]) if role in self.rstrip else content
+                segments.append(
+                    Segment(self._fill(self.leads.get(role, "")) + content, trained, literal=True)
+                )
+            segments.append(Segment(self._suffix(role), trained))
             if self.separator:
-                segments.append(Segment(self._fill(self.separator), train_on == "all"))
+                segments.append(Segment(self._fill(self.separator), every))
         return [s for s in segments if s.text]
 
     def generation_prompt(self, messages: Sequence[dict]) -> list[Segment]:
@@ -136,18 +173,27 @@ class ChatTemplate:
         j = json.dumps
         prefixes, suffixes = ({k: fill(v) for k, v in d.items()} for d in (self.prefixes, self.suffixes))
         leads = {k: fill(v) for k, v in self.leads.items()}
+        rstrip = j(self.rstrip)
         default_system = "none" if self.default_system is None else j(self.default_system)
         merge = "true" if self.system_mode == "merge_user" else "false"
         return (
             f"{{%- set P = {j(prefixes)} -%}}{{%- set S = {j(suffixes)} -%}}{{%- set L = {j(leads)} -%}}"
+            # Tool schemas and calls are rendered by sftlab in training, not (yet) by this saved template:
+            # a serving stack gets an error instead of a prompt that silently drops them.
+            "{%- if tools or (messages|selectattr('tool_calls')|list) -%}"
+            "{{- raise_exception('this saved sftlab template does not render tools / tool_calls') -}}"
+            "{%- endif -%}"
             "{%- set msgs = messages -%}"
             f"{{%- if {default_system} is not none and (msgs|length == 0 or msgs[0]['role'] != 'system') -%}}"
             f"{{%- set msgs = [{{'role': 'system', 'content': {default_system}}}] + msgs -%}}{{%- endif -%}}"
+            f"{{%- set R = {rstrip} -%}}"
             "{%- set ns = namespace(system=none, merged=false) -%}"
             f"{{%- if {merge} and msgs|length > 0 and msgs[0]['role'] == 'system' -%}}"
-            "{%- set ns.system = msgs[0]['content'] -%}{%- set msgs = msgs[1:] -%}{%- endif -%}"
+            "{%- if msgs[0]['content'] -%}{%- set ns.system = msgs[0]['content'] -%}{%- endif -%}"
+            "{%- set msgs = msgs[1:] -%}{%- endif -%}"
             + ("{{- bos_token -}}" if self.uses_bos() else "")
             + "{%- for m in msgs -%}{%- set content = m['content'] -%}"
+            "{%- if m['role'] in R -%}{%- set content = content.rstrip(R[m['role']]) -%}{%- endif -%}"
             "{%- if ns.system is not none and m['role'] == 'user' and not ns.merged -%}"
             "{%- set content = ns.system + '\n\n' + content -%}{%- set ns.merged = true -%}{%- endif -%}"
             "{{- P.get(m['role'], P.get('default', '')).replace('{role}', m['role']) + L.get(m['role'], '')"
@@ -192,11 +238,15 @@ class TokenizerTemplate:
             self.specials = sorted(special | set(tokenizer.all_special_tokens), key=len, reverse=True)
         return self
 
-    def _apply(self, messages: Sequence[dict], generation: bool) -> str:
+    def _apply(self, messages: Sequence[dict], generation: bool, tools: list[dict] | None = None) -> str:
         if self.tokenizer is None:
             raise RuntimeError("template=tokenizer: call bind(tokenizer) first")
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation, chat_template=self.chat_template
+            list(messages),
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=generation,
+            chat_template=self.chat_template,
         )
 
     def _response_end(self, upto: str, start: int, content: str) -> int:
@@ -219,15 +269,23 @@ class TokenizerTemplate:
         at, length = min(hits)
         return tail_at + at + length
 
-    def _spans(self, msgs: Sequence[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+    def _spans(
+        self, msgs: Sequence[dict], tools: list[dict] | None
+    ) -> tuple[str, list[tuple[int, int, int]]]:
         """The rendered text and, per assistant turn, (message index, start, end) of its response span."""
-        full = self._apply(msgs, False)
+        full = self._apply(msgs, False, tools)
+        if tools and not any(json.dumps(t["function"]["name"])[1:-1] in full for t in tools):
+            raise DataError(
+                "template=tokenizer: this chat template does not render the conversation's tools (their "
+                "names are missing from the text). Use a tokenizer whose template supports tools, or "
+                "template=mistral."
+            )
         spans = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._apply(msgs[:i], True)
-            upto = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], False)
+            prompt = self._apply(msgs[:i], True, tools)
+            upto = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], False, tools)
             if not (upto.startswith(prompt) and full.startswith(upto)):
                 raise DataError(
                     f"template=tokenizer: rendering assistant turn {i} does not extend the earlier turns "
@@ -249,13 +307,15 @@ class TokenizerTemplate:
         return [s for s in segments if s.text]
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
-        full, spans = self._spans(messages)
+        tools, msgs = split_tools(messages)
+        full, spans = self._spans(msgs, tools)
         return self._cut(full, spans, train_on)
 
     def generation_prompt(self, messages: Sequence[dict]) -> list[Segment]:
         """Cut at the same places as `render`, so its tokens are the prefix of the training tokens."""
-        full, spans = self._spans(messages)
-        prompt = self._apply(messages, True)
+        tools, msgs = split_tools(messages)
+        full, spans = self._spans(msgs, tools)
+        prompt = self._apply(msgs, True, tools)
         if not prompt.startswith(full):
             raise DataError("template=tokenizer: add_generation_prompt=True does not extend the history.")
         return self._cut(prompt, spans, "none")

@@ -17,6 +17,9 @@ prefix there too) and every later segment is tokenized behind a "\n" whose token
 (torchtune's trick), so "[/INST]" + " Paris" yields the same pieces as inside the whole string. Byte-level BPE
 tokenizers (GPT-2, Llama 3, SmolLM2, Qwen) add nothing and are tokenized plainly.
 
+Message content is tokenized with special-token parsing off (`Segment.literal`): a chat marker typed in the
+content ("<|im_end|>", "[INST]") is text, never a control token, as in the vendors' own encoders.
+
 Plain-text documents (format `text`) are not templated: BOS (where the tokenizer adds one itself, as in
 pre-training) + text + EOS, all trained.
 """
@@ -58,64 +61,88 @@ def dummy_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
     return tokenizer("\n", add_special_tokens=False)["input_ids"]
 
 
-def encode_batch(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of each text, no special tokens added. Calls the Rust tokenizer directly when there is one:
-    the transformers wrapper spends as long converting encodings as the tokenizer spends encoding."""
+def encode_batch(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, *, literal: bool = False
+) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; `literal`: special-token strings in the texts stay
+    text. Calls the Rust tokenizer directly when there is one: the transformers wrapper spends as long
+    converting encodings as the tokenizer spends encoding."""
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    if getattr(backend, "encode_special_tokens", split_special) != split_special:  # as the wrapper does
-        backend.encode_special_tokens = split_special
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=literal or split_special)[
+            "input_ids"
+        ]
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no character offsets
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
+    backend.encode_special_tokens = literal or split_special
+    try:
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = split_special  # as the wrapper leaves it
 
 
 def tokenize_texts(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, *, continuation: bool = False
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    continuation: bool = False,
+    literal: bool = False,
 ) -> dict[str, list[int]]:
     """Tokenize each distinct text once, in one batched call (template headers repeat on every row).
 
     `continuation`: the texts follow other text in the sequence, so a dummy-prefix space must not be added.
+    `literal`: message text, in which special-token strings are not special.
     """
     unique = list(dict.fromkeys(texts))
     if not unique:
         return {}
     marker = dummy_prefix_ids(tokenizer) if continuation else None
     if marker is None:
-        return dict(zip(unique, encode_batch(unique, tokenizer), strict=True))
-    ids = encode_batch(["\n" + t for t in unique], tokenizer)
+        return dict(zip(unique, encode_batch(unique, tokenizer, literal=literal), strict=True))
+    ids = encode_batch(["\n" + t for t in unique], tokenizer, literal=literal)
     if any(i[: len(marker)] != marker for i in ids):  # "\n" merged into the text: no clean cut exists
         raise ValueError("cannot strip the sentencepiece dummy prefix: '\\n' does not tokenize separately")
     return {t: i[len(marker) :] for t, i in zip(unique, ids, strict=True)}
 
 
+Key = tuple[str, bool]  # (segment text, literal)
+
+
+def _tokenize_segments(
+    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, *, continuation: bool = False
+) -> dict[Key, list[int]]:
+    out: dict[Key, list[int]] = {}
+    for literal in (False, True):
+        texts = [s.text for s in segments if s.literal == literal]
+        ids = tokenize_texts(texts, tokenizer, continuation=continuation, literal=literal)
+        out.update({(t, literal): i for t, i in ids.items()})
+    return out
+
+
 @dataclass
 class Vocab:
-    """Token ids per segment text: `first` for a sequence's first segment, `rest` for the others."""
+    """Token ids per (text, literal): `first` for a sequence's first segment, `rest` for the others."""
 
-    first: dict[str, list[int]]
-    rest: dict[str, list[int]]
+    first: dict[Key, list[int]]
+    rest: dict[Key, list[int]]
 
     @classmethod
     def build(cls, rendered: Sequence[Sequence[Segment]], tokenizer: PreTrainedTokenizerBase) -> Vocab:
-        if dummy_prefix_ids(tokenizer) is None:  # one batched call for everything
-            both = tokenize_texts([s.text for segs in rendered for s in segs], tokenizer)
+        if dummy_prefix_ids(tokenizer) is None:  # one batched call per kind for everything
+            both = _tokenize_segments([s for segs in rendered for s in segs], tokenizer)
             return cls(both, both)
-        first = tokenize_texts([segs[0].text for segs in rendered if segs], tokenizer)
-        rest = tokenize_texts([s.text for segs in rendered for s in segs[1:]], tokenizer, continuation=True)
+        first = _tokenize_segments([segs[0] for segs in rendered if segs], tokenizer)
+        rest = _tokenize_segments([s for segs in rendered for s in segs[1:]], tokenizer, continuation=True)
         return cls(first, rest)
 
 
 def segments_to_ids(
-    segments: Sequence[Segment], vocab: Vocab | dict[str, list[int]], bos_id: int | None
+    segments: Sequence[Segment], vocab: Vocab, bos_id: int | None
 ) -> tuple[list[int], list[int]]:
-    if isinstance(vocab, dict):
-        vocab = Vocab(vocab, vocab)
     input_ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
     for k, seg in enumerate(segments):
-        ids = (vocab.first if k == 0 else vocab.rest)[seg.text]
+        ids = (vocab.first if k == 0 else vocab.rest)[seg.text, seg.literal]
         input_ids.extend(ids)
         labels.extend(ids if seg.train else [IGNORE_INDEX] * len(ids))
     if labels:
