@@ -277,9 +277,11 @@ def audit_app(cfg: DictConfig) -> None:
 
     from sftlab import build
     from sftlab.config import validate
+    from sftlab.data.audit import parse_checks
 
     try:
         validate(cfg, HydraConfig.get().runtime.choices)
+        parse_checks(cfg.audit.fail_on, "audit.fail_on")  # instantiate would wrap the error in its own
         settings = instantiate(cfg.audit)
         result = run_audit(cfg, build.parts(cfg), settings, Path(cfg.out_dir))
     except SFTLabError as err:
