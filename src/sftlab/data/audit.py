@@ -225,9 +225,9 @@ def _lsh(threshold: float, num_perm: int):
 
 def near_pairs_within(
     sig: Signatures, indices: Sequence[int], threshold: float, num_perm: int
-) -> list[tuple[int, int, float]]:
+) -> tuple[list[tuple[int, int, float]], Any]:
     """(earlier j, later i, Jaccard) among `indices` for every pair the LSH proposes whose true similarity
-    is >= threshold."""
+    is >= threshold; and the LSH index of `indices`, for queries from other splits."""
     lsh, pairs = _lsh(threshold, num_perm), []
     for i in indices:
         if not sig.sets[i]:
@@ -237,17 +237,14 @@ def near_pairs_within(
             if sim >= threshold:
                 pairs.append((j, i, sim))
         lsh.insert(i, sig.hashes[i], check_duplication=False)
-    return sorted(pairs)
+    return sorted(pairs), lsh
 
 
 def near_matches(
-    queries: Signatures, index: Signatures, threshold: float, num_perm: int
+    queries: Signatures, index: Signatures, lsh: Any, threshold: float
 ) -> dict[int, tuple[int, float]]:
-    """For each query with a near match in `index`: (the most similar index entry, its Jaccard)."""
-    lsh = _lsh(threshold, num_perm)
-    for j, m in enumerate(index.hashes):
-        if index.sets[j]:
-            lsh.insert(j, m, check_duplication=False)
+    """For each query with a near match in `lsh` (an index of `index` entries): (the most similar entry,
+    its Jaccard)."""
     out: dict[int, tuple[int, float]] = {}
     for i, m in enumerate(queries.hashes):
         if not queries.sets[i]:
@@ -354,13 +351,14 @@ def _listed(findings: list, limit: int) -> dict[str, Any]:
     return {"listed": findings[:limit], "not_listed": max(0, len(findings) - limit)}
 
 
-def duplicates(items: Sequence[Item], sig: Signatures, s: AuditSettings) -> dict[str, Any]:
-    """Exact duplicates, then near duplicates among the first occurrences, within a split."""
+def duplicates(items: Sequence[Item], sig: Signatures, s: AuditSettings) -> tuple[dict[str, Any], Any]:
+    """Exact duplicates, then near duplicates among the first occurrences, within a split; and the LSH index
+    of those first occurrences (contamination queries it: a duplicate's text is its first occurrence's)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         groups[conversation_key(it.conversation)].append(i)
     dup_groups = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
-    pairs = near_pairs_within(sig, [g[0] for g in groups.values()], s.near_threshold, s.num_perm)
+    pairs, lsh = near_pairs_within(sig, [g[0] for g in groups.values()], s.near_threshold, s.num_perm)
     listed_pairs = [
         {"earlier": items[j].where, "row": items[i].where, "similarity": round(sim, 4)}
         for j, i, sim in sorted(pairs, key=lambda p: (-p[2], p[1], p[0]))
@@ -376,22 +374,22 @@ def duplicates(items: Sequence[Item], sig: Signatures, s: AuditSettings) -> dict
             "pairs": len(pairs),
             **_listed(listed_pairs, s.max_listed),
         },
-    }
+    }, lsh
 
 
 def contamination(
-    train: tuple[Sequence[Item], Sequence[View], Signatures],
+    train: tuple[Sequence[Item], Sequence[View], Signatures, Any],
     other: tuple[Sequence[Item], Sequence[View], Signatures],
     s: AuditSettings,
 ) -> dict[str, Any]:
     """Rows of `other` whose prompt is a train row's prompt (lower-cased, punctuation dropped) or whose text
     near-duplicates a train row's, each with the train row it matches."""
-    (t_items, t_views, t_sig), (o_items, o_views, o_sig) = train, other
+    (t_items, t_views, t_sig, t_lsh), (o_items, o_views, o_sig) = train, other
     norm = lambda v: " ".join(words(v.prompt))  # noqa: E731
     same_prompt: dict[str, int] = {}
     for j, v in enumerate(t_views):
         same_prompt.setdefault(norm(v), j)
-    near = near_matches(o_sig, t_sig, s.near_threshold, s.num_perm)
+    near = near_matches(o_sig, t_sig, t_lsh, s.near_threshold)
     leaks = []
     for i, v in enumerate(o_views):
         key = norm(v)
@@ -492,6 +490,9 @@ def audit_splits(
     report: dict[str, Any] = {
         "settings": settings.__dict__ | {"refusal_phrases": len(settings.refusal_phrases)}
     }
+    dups, lshs = {}, {}
+    for name, sr in splits.items():
+        dups[name], lshs[name] = duplicates(sr.items, sigs[name], settings)
     report["splits"], lengths = {}, {}
     for name, sr in splits.items():
         items, vs = sr.items, views[name]
@@ -513,14 +514,16 @@ def audit_splits(
             },
             "shape": shape(items, vs),
             "tokens": token_report,
-            "duplicates": duplicates(items, sigs[name], settings),
+            "duplicates": dups[name],
             "conflicts": conflicts(items, vs, settings),
             "flags": flags(items, vs, settings),
             "diversity": diversity(vs, settings.top_kinds),
         }
         if name != "train" and "train" in splits:
             report["splits"][name]["contamination"] = contamination(
-                (splits["train"].items, views["train"], sigs["train"]), (items, vs, sigs[name]), settings
+                (splits["train"].items, views["train"], sigs["train"], lshs["train"]),
+                (items, vs, sigs[name]),
+                settings,
             )
     report["checks"] = check_values(report["splits"])
     failures = evaluate(settings.fail_on, report["checks"])

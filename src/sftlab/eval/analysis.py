@@ -25,6 +25,7 @@ from sftlab.eval.base import ANALYSIS, EvalContext
 
 log = logging.getLogger(__name__)
 
+
 def example_flags(
     rec: dict, *, ngram: int, repetition_threshold: float, mismatch_rouge: float, phrases: list[str]
 ) -> dict[str, Any]:
