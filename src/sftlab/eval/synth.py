@@ -185,8 +185,10 @@ class OpenAITeacher:
     `concurrency` requests in flight. Sample k of a prompt asks with `seed + k`, so a rerun asks the same."""
 
     def __init__(self, s: SynthSettings) -> None:
-        import openai
-
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("teacher=openai needs the openai client: pip install 'sftlab[synth]'") from None
         key = os.environ.get(s.api_key_env) if s.api_key_env else None
         if s.api_key_env and not key:
             log.info("Teacher: $%s is not set; calling %s without an API key.", s.api_key_env, s.base_url)
