@@ -39,6 +39,7 @@ def run(cfg: DictConfig) -> float:
 
     from sftlab import build
     from sftlab.cli import console
+    from sftlab.cli import data as data_cli
     from sftlab.model.adapters import trainable_parameters
     from sftlab.rundir import write
     from sftlab.training import checkpoint, loggers
@@ -50,6 +51,8 @@ def run(cfg: DictConfig) -> float:
         write.write_config(run_dir, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     parts = build.parts(cfg, source)
+    if cfg.data.get("audit") and is_rank_zero():  # rank 0 runs first: failing here, no other rank starts
+        data_cli.audit_before_training(cfg, parts, run_dir / "audit")
     datamodule = build.datamodule(parts)
     suite = build.suite(cfg.get("eval"), parts, datamodule.splits, run_dir / "eval")
 

@@ -42,7 +42,8 @@ class SFTDataModule(pl.LightningDataModule):
     its rows to drops (truncation policy, no targets) and skips; deliberate de-duplication does not count.
     `val_fraction`: without `val_path`, a seeded random fraction of the training rows is held out.
     `packing`: several examples per row of `max_length` tokens (see packing.py). `cache_dir`: processed
-    splits are cached there (null disables caching).
+    splits are cached there (null disables caching). `audit`: read by sftlab-train, which audits the data
+    first (`sftlab-data audit`) and refuses to train when a check holds (true: contamination>0; or a list).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class SFTDataModule(pl.LightningDataModule):
         group_by_length: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        audit: bool | list[str] = False,
     ) -> None:
         super().__init__()
         self.tokenizer, self.template = tokenizer, template
@@ -84,7 +86,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.packing, self.on_error, self.max_drop_ratio = packing, on_error, max_drop_ratio
         self.val_fraction, self.dedupe, self.cache_dir = val_fraction, dedupe, cache_dir
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
-        self.group_by_length = group_by_length
+        self.group_by_length, self.audit = group_by_length, audit
         self._check_settings()
         self.splits: dict[str, SplitData] = {}
         self.sampler: StepPlanSampler | None = None

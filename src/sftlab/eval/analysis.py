@@ -20,37 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sftlab.data.quality import REFUSAL_PHRASES, is_refusal, repeated_ngram_rate
 from sftlab.eval.base import ANALYSIS, EvalContext
-from sftlab.eval.metrics import repeated_ngram_rate
 
 log = logging.getLogger(__name__)
-
-REFUSAL_PHRASES = [
-    "i'm sorry",
-    "i am sorry",
-    "i apologize",
-    "i cannot",
-    "i can't",
-    "i can not",
-    "i won't",
-    "i will not",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "as an ai",
-    "as a language model",
-    "cannot assist",
-    "can't assist",
-    "cannot help with",
-    "can't help with",
-    "not able to provide",
-]
-
-
-def is_refusal(text: str, phrases: list[str]) -> bool:
-    low = text.lower().replace("\u2019", "'")
-    return any(p in low for p in phrases)
 
 
 def example_flags(

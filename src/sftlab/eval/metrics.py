@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 from torchmetrics.functional.text import bleu_score, chrf_score, rouge_score
 
+# A text metric the data audit uses too, so it lives in the data layer.
+from sftlab.data.quality import repeated_ngram_rate as repeated_ngram_rate
+
 TEXT_METRICS = ("rougeL", "bleu", "chrf")
 
 
@@ -46,12 +49,3 @@ def per_example_text_metrics(
     _check(names)
     keep = [n for n in names if n != "bleu"]
     return [{name: round(_one(name, [p], [r]), 4) for name in keep} for p, r in zip(preds, refs, strict=True)]
-
-
-def repeated_ngram_rate(text: str, n: int = 3) -> float:
-    """Fraction of word n-grams that repeat an earlier n-gram of the same text (0: none, ->1: a loop)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
