@@ -67,13 +67,14 @@ def load_rubric(path: str | Path | None) -> Rubric:
     if not file.is_file():
         raise ConfigError(f"rubric={str(path)!r}: no such file. Give a YAML file with criteria and scale.")
     node = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    judge_config = isinstance(node, dict) and isinstance(node.get("judge"), dict)
     for key in ("review", "judge"):
         if isinstance(node, dict) and isinstance(node.get(key), dict):
             node = node[key]
     if not isinstance(node, dict) or not isinstance(node.get("criteria"), dict):
         raise ConfigError(f"rubric={str(path)!r}: expected `criteria: {{name: question, ...}}` in the file.")
-    unknown = sorted(set(node) - {"criteria", "scale", "_target_"})
-    if unknown and "judge" not in node:
+    unknown = sorted(set(node) - {"criteria", "scale"})
+    if unknown and not judge_config:  # a judge config's other settings (backend, model, ...) are not ours
         raise ConfigError(f"rubric={str(path)!r}: unknown key {unknown[0]!r} (have criteria, scale).")
     return Rubric(node["criteria"], tuple(node.get("scale", (1, 5))))
 
