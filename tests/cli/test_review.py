@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sftlab.cli import report
 from sftlab.cli.review import AB_LABELS, ReviewArgs, main, open_review_set, review_dir
 from sftlab.review.items import ReviewSet
 from sftlab.review.server import validate
@@ -71,15 +72,21 @@ def test_a_killed_server_loses_no_acknowledged_rating_and_the_next_start_resumes
     assert len((run / "review" / "ratings.jsonl").read_text().splitlines()) == 3
 
 
-def test_summary_writes_json_csv_and_the_runs_results(tmp_path, capsys):
+def rated_run(tmp_path: Path) -> tuple[Path, ReviewSet]:
+    """A run with a review of three items, all rated by `al`: A, B, both bad."""
     run = write_run(tmp_path / "run", 3)
-    (run / "eval" / "results.json").write_text(json.dumps({"tuned": {"exact_match": 1.0}}))
     args = ReviewArgs(run=str(run), seed=3)
     review = open_review_set(args, review_dir(args), create=True)
     log = RatingLog(run / "review" / "ratings.jsonl")
     scores = {s: {"correctness": 5, "tone": 5, "safety": 5} for s in "AB"}
     for item, pref in (("0", "A"), ("1", "B"), ("2", "both_bad")):
         log.append(validate(review, "al", {"item": item, "scores": scores, "preference": pref}))
+    return run, review
+
+
+def test_summary_writes_json_csv_and_the_runs_results(tmp_path, capsys):
+    run, review = rated_run(tmp_path)
+    (run / "eval" / "results.json").write_text(json.dumps({"tuned": {"exact_match": 1.0}}))
 
     main([f"run={run}", "summary"])
     summary = json.loads((run / "review" / "summary.json").read_text())
@@ -93,6 +100,24 @@ def test_summary_writes_json_csv_and_the_runs_results(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "human review: 3 ratings of 3/3 items (al 3)" in out and "both_bad  33.3%" in out
+
+    (run / "config.yaml").write_text("seed: 42\n")  # sftlab-report's run report carries the headline too
+    report.main([str(run)])
+    md = (run / "report.md").read_text()
+    assert "```text\nhuman review: 3 ratings of 3/3 items (al 3)\n" in md and "  both_bad  33.3%" in md
+
+
+def test_summary_goes_to_an_offline_wandb_run(tmp_path):
+    import wandb
+
+    from tests.helpers.wandb_log import offline_runs
+
+    run, _ = rated_run(tmp_path)
+    main([f"run={run}", "summary", "wandb=true"])
+    wandb.teardown()  # the service process flushes the run file
+    [logged] = offline_runs(run / "review")
+    assert logged.name == "review-run" and logged.summary["human"]["n_ratings"] == 3
+    assert logged.summary["human"]["preference"]["both_bad"]["count"] == 1
 
 
 def test_command_line_mistakes_are_one_clear_message(tmp_path, caplog):

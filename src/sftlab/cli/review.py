@@ -240,10 +240,8 @@ def log_wandb(summary: dict, csv_path: Path, folder: Path) -> None:
         os.environ["WANDB_MODE"] = "offline"
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    run = wandb.init(
-        project="sftlab", job_type="review", dir=str(folder), name=f"review-{folder.parent.name}"
-    )
-    with contextlib.closing(run) as wb:
+    name = f"review-{folder.parent.name}"
+    with wandb.init(project="sftlab", job_type="review", dir=str(folder), name=name) as wb:
         wb.summary.update({"human": summary})
         wb.log({"review/ratings": wandb.Table(columns=rows[0], data=rows[1:])})
 
