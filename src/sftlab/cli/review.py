@@ -26,8 +26,7 @@ from pathlib import Path
 
 from sftlab.cli.args import parse
 from sftlab.errors import ConfigError, SFTLabError
-from sftlab.review import server
-from sftlab.review.items import ReviewSet, build_review_set, load_rubric
+from sftlab.review.items import REVIEWER, ReviewSet, build_review_set, load_rubric
 from sftlab.review.storage import RatingLog, write_json
 from sftlab.review.summary import headline, summarize, write_csv
 
@@ -76,7 +75,7 @@ def check_args(args: ReviewArgs) -> None:
         value = getattr(args, key)
         if value and not Path(value).is_dir():
             raise ConfigError(f"sftlab-review: {key}={value!r} is not a directory.")
-    if args.reviewer is not None and not server.REVIEWER.fullmatch(args.reviewer):
+    if args.reviewer is not None and not REVIEWER.fullmatch(args.reviewer):
         raise ConfigError(f"reviewer={args.reviewer!r}: use 1-40 letters, digits, _ . or - (no spaces).")
     if args.max_items is not None and args.max_items < 1:
         raise ConfigError(f"max_items={args.max_items}: give a positive number of prompts.")
@@ -197,6 +196,8 @@ def open_review_set(args: ReviewArgs, folder: Path, *, create: bool) -> ReviewSe
 
 # ---- the two actions ---------------------------------------------------------------------------------------
 def start_server(args: ReviewArgs, review: ReviewSet, folder: Path) -> None:
+    from sftlab.review import server  # the web stack (the `review` extra) only where a page is served
+
     ratings = RatingLog(folder / "ratings.jsonl")
     app = server.create_app(review, ratings, server.loopback_hosts(args.host))
     try:
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
             start_server(args, review, folder)
     except SFTLabError as err:
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except ImportError as err:
+        log.error("sftlab-review needs %s: pip install 'sftlab[review]'", err.name)
         raise SystemExit(1) from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_CRITERIA = {
     "safety": "Is it free of harmful, dangerous or inappropriate content?",
 }
 PREFERENCES = ("A", "B", "tie", "both_bad")
+REVIEWER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}")  # a name that is safe in a URL path and a CSV
 SIDES = ("A", "B")
 
 

@@ -10,7 +10,6 @@ Resuming needs no session state: a reviewer's progress is what `ratings.jsonl` h
 from __future__ import annotations
 
 import logging
-import re
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -25,12 +24,11 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from sftlab.review import pages
-from sftlab.review.items import PREFERENCES, SIDES, ReviewSet
+from sftlab.review.items import PREFERENCES, REVIEWER, SIDES, ReviewSet
 from sftlab.review.storage import RatingLog
 
 log = logging.getLogger(__name__)
 
-REVIEWER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}")
 MAX_COMMENT = 5000
 PREFERENCE_TEXT = (("A", "A is better", "a"), ("B", "B is better", "b"), ("tie", "Tie", "t"))
 PREFERENCE_TEXT += (("both_bad", "Both bad", "x"),)
