@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -229,14 +228,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: Starlette, sock: socket.socket, *, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+def serve(app: Starlette, sock: socket.socket) -> None:
+    """Serve on an already bound socket until interrupted (Ctrl-C)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    if on_ready is not None:
-        on_ready()
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
 def url_of(sock: socket.socket, host: str) -> str:
