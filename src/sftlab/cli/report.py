@@ -8,7 +8,8 @@ For a sweep it prints one row per job: the overrides that differ between jobs (t
 best validation loss, final train loss, the tuned model's evaluation metrics, steps, runtime; the best job by
 `--metric` is starred. It writes `report.md` and PNG plots beside the jobs (or into `--out`):
 `val_loss.png` (validation-loss curve per job) and `<metric>_vs_<hyperparameter>.png` for each swept key.
-For one run (a directory with `config.yaml`) it plots `curves.png`: train and validation loss, learning rate.
+For one run (a directory with `config.yaml`) it plots `curves.png`: train and validation loss, learning rate,
+and adds the human review's summary when `sftlab-review run=... summary` wrote one.
 
 A positional path rather than the `key=value` style of the other small CLIs, because the path is the one
 thing always given (`sftlab-report multirun/2026-11-24/10-00-00`).
@@ -31,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sftlab.errors import SFTLabError
+from sftlab.review.summary import headline
 
 LOWER_IS_BETTER = ("loss", "perplexity", "no_stop", "runtime")
 
@@ -324,11 +326,20 @@ def report_run(path: Path, out: Path, console: Console) -> Path:
     lines = [f"# Run report: `{path}`", "", f"status: {job.status}"]
     for key in ("val.best_loss", "val.loss", "train.loss", "steps", "runtime_s", *eval_keys([job])):
         lines.append(f"- {key}: {_fmt(metric_value(job, key))}")
+    lines += human_review_lines(path)
     if plot:
         lines += ["", f"![curves]({plot.name})"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print("\n".join(lines[2:]), markup=False)
     return out / "report.md"
+
+
+def human_review_lines(path: Path) -> list[str]:
+    """The human review's headline (`sftlab-review run=... summary`), when the run has one."""
+    summary = path / "review" / "summary.json"
+    if not summary.is_file():
+        return []
+    return ["", "```text", *headline(json.loads(summary.read_text())), "```"]
 
 
 def _slug(text: str) -> str:
