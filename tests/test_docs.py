@@ -28,7 +28,7 @@ from unittest import mock
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sftlab import build
@@ -215,17 +215,14 @@ def check_composes(overrides: list[str], config_name: str = "train") -> None:
     # paths.output_dir is Hydra's job directory, which only a running app has; nothing is written there.
     output_dir = RUN_DIR if config_name == "train" else None
     for variant in sweep_variants(overrides):
-        cfg = build.compose(variant, output_dir=output_dir, config_name=config_name, return_hydra_config=True)
-        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        cfg, origin = build.compose_with_origin(variant, output_dir=output_dir, config_name=config_name)
         OmegaConf.to_container(cfg, resolve=True)
         if config_name == "eval_run":
             if OmegaConf.is_missing(cfg, "run"):
                 raise DocError("sftlab-eval needs run=<a run directory>")
             continue
         try:
-            validate(cfg, choices)
+            validate(cfg, origin)
         except ConfigError as err:
             # The user's own data files (my/train.jsonl) need not exist here; everything else must hold.
             problems = [p for p in str(err).splitlines()[1:] if not p.endswith("file not found.")]

