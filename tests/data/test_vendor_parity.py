@@ -12,7 +12,8 @@ import pytest
 from hydra.utils import instantiate
 
 from sftlab import build
-from sftlab.data.tokenize import IGNORE_INDEX, encode_conversations, encode_prompt
+from sftlab.data.tokenize import encode_conversations, encode_prompt
+from tests.data.test_templates import supervised_runs
 from tests.helpers import vendor_tokenizers as vendor
 
 U, A, S = "user", "assistant", "system"
@@ -48,17 +49,6 @@ LLAMA3_ONLY = {
 
 def template(name: str):
     return instantiate(build.compose([f"template={name}"]).template, _convert_="all")
-
-
-def supervised_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for token, label in zip(input_ids, labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs, current = [*runs, current], []
-    return runs + ([current] if current else [])
 
 
 def check_against_vendor(tpl, tokenizer, conversation, full_ids, prompt_ids, assistant_ids) -> None:
