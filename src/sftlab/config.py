@@ -177,7 +177,8 @@ class Origin:
                 continue  # `override /group: option` entries choose other groups' options
             path, _, package = entry.partition("@")
             if package in ("", "_here_"):
-                chain += self.chain((path[1:] if path.startswith("/") else f"{group}/{path}") + ".yaml")
+                rel_path = path[1:] if path.startswith("/") else f"{group}/{path}" if group else path
+                chain += self.chain(rel_path + ".yaml")
         return chain
 
     def option_keys(self, group: str) -> tuple[set[str], dict[str, str]]:
@@ -303,8 +304,8 @@ def _check_top_level(cfg: DictConfig, origin: Origin, problems: list[str]) -> No
     """Group names, the primary config's keys and keys set by options placed at the top level (`_global_`):
     anything else came from a `+key=...` on the command line."""
     allowed = origin.groups()
-    primary = origin.load(f"{origin.config_name}.yaml")
-    allowed |= {str(k) for k in (primary.cfg if primary else {}) if k != "defaults"}
+    for primary in origin.chain(f"{origin.config_name}.yaml"):  # a primary config may extend train.yaml
+        allowed |= {str(k) for k in primary.cfg}
     for group in origin.groups():
         for option in origin.options(group):
             for file in origin.chain(f"{group}/{option}.yaml"):

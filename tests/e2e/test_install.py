@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import ROOT, small_iso_data
 
-COMMANDS = {f"sftlab-{c}" for c in ("train", "report", "bench", "merge", "serve", "eval", "chat", "inspect")}
+# pyproject.toml declares the console scripts; the installed wheel must list exactly those.
+COMMANDS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 
 
 @pytest.fixture(scope="module")

@@ -276,11 +276,11 @@ def audit_app(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from sftlab import build
-    from sftlab.config import validate
+    from sftlab.config import Origin, validate
     from sftlab.data.audit import parse_checks
 
     try:
-        validate(cfg, HydraConfig.get().runtime.choices)
+        validate(cfg, Origin.from_hydra(HydraConfig.get()))
         parse_checks(cfg.audit.fail_on, "audit.fail_on")  # instantiate would wrap the error in its own
         settings = instantiate(cfg.audit)
         result = run_audit(cfg, build.parts(cfg), settings, Path(cfg.out_dir))
