@@ -18,7 +18,6 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
@@ -88,9 +87,7 @@ def resolve_precision(precision: str | int) -> str | int:
 
 def preflight(cfg: DictConfig, run_dir: Path, origin: Origin | None = None) -> str:
     """What can fail in seconds fails here, before a model or dataset loads. Returns the model source.
-    `origin`: where `cfg` was composed from; inside a Hydra app, Hydra's own record of it."""
-    if origin is None and HydraConfig.initialized():
-        origin = Origin.from_hydra(HydraConfig.get())
+    `origin`: where `cfg` was composed from (default: the running Hydra app's record, see `validate`)."""
     validate(cfg, origin)
     write.check_writable(run_dir)
     source = model_source(cfg.model)

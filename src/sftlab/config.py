@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -349,9 +350,10 @@ def _check_paths(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
 
 
 def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
-    """Raise one ConfigError listing every problem. `origin`: where Hydra composed `cfg` from
-    (`Origin.from_hydra`); without it, the shipped config with no option choices known."""
-    origin = origin or Origin.shipped()
+    """Raise one ConfigError listing every problem. `origin`: where Hydra composed `cfg` from; by default the
+    running Hydra app's own record of it, outside an app the shipped config with no option choices known."""
+    if origin is None:
+        origin = Origin.from_hydra(HydraConfig.get()) if HydraConfig.initialized() else Origin.shipped()
     problems: list[str] = []
     _check_top_level(cfg, origin, problems)
     _check_model(cfg, origin, problems)

@@ -272,15 +272,14 @@ def print_summary(result: Any) -> None:
 # ---- the command -----------------------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path=str(paths.config_dir()), config_name="data_audit")
 def audit_app(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
     from sftlab import build
-    from sftlab.config import Origin, validate
+    from sftlab.config import validate
     from sftlab.data.audit import parse_checks
 
     try:
-        validate(cfg, Origin.from_hydra(HydraConfig.get()))
+        validate(cfg)  # with the running app's config sources: data_audit.yaml and its defaults
         parse_checks(cfg.audit.fail_on, "audit.fail_on")  # instantiate would wrap the error in its own
         settings = instantiate(cfg.audit)
         result = run_audit(cfg, build.parts(cfg), settings, Path(cfg.out_dir))
