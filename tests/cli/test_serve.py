@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
-import sys
 
 import openai
 import pytest
@@ -16,6 +13,7 @@ from sftlab.cli.serve import parse_request, stream_text
 from sftlab.data.tokenize import encode_prompt
 from sftlab.model.generate import generate, stream_ids
 from tests.conftest import make_adapter_run
+from tests.helpers.serve import served
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
@@ -28,20 +26,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(run_dir):
     """The real console entry point on a free port; the bound URL is read from its first stdout line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", "name=tiny"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        url = re.search(r"listening on (http://\S+)", line)
-        assert url, f"no URL in {line!r}"
-        yield openai.OpenAI(base_url=url.group(1), api_key="unused", max_retries=0, timeout=120)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with served(run_dir, "tiny") as url:
+        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

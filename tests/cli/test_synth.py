@@ -4,7 +4,6 @@ end to end against sftlab-serve as the teacher with a local judge, then two trai
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from sftlab.eval.synth import (
     synthesize,
 )
 from tests.conftest import ROOT, make_adapter_run, tiny_train_command
+from tests.helpers.serve import served
 
 
 class ScriptedTeacher:
@@ -149,19 +149,8 @@ def test_settings_refuse_what_cannot_work():
 def teacher_url(tmp_path_factory):
     """sftlab-serve on a free loopback port, serving a tiny run as the teacher."""
     run_dir = make_adapter_run(tmp_path_factory.mktemp("teacher"), [])[0]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", "name=teacher"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        url = re.search(r"listening on (http://\S+)", proc.stdout.readline())
-        assert url
-        yield url.group(1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with served(run_dir, "teacher") as url:
+        yield url
 
 
 @pytest.mark.slow

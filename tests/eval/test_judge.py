@@ -12,9 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from sftlab import build
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import ConfigError
 from sftlab.eval.judge import DEFAULT_PROMPT, JudgeEval, aggregate, parse_verdict, render_prompt
-from tests.conftest import ROOT
+from tests.helpers import serve
 
 CRITERIA = {"correctness": "Is the answer right?"}
 PROMPT = "Grade {answer} against {reference}."  # short, so the judge trains in seconds
@@ -176,26 +173,8 @@ def test_local_judge_model_scores_answers(judge_run):
 @pytest.fixture
 def served(judge_run):
     """`sftlab-serve` on a free loopback port, serving the judge run; stopped after the test."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sftlab.cli.serve", f"run={judge_run}", "port=0", "name=judge"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:  # the server prints its URL once it is bound
-            lines.append(line)
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+/v1)", line)
-            if match:
-                yield match.group(1)
-                break
-        else:
-            pytest.fail("sftlab-serve exited before listening:\n" + "".join(lines[-30:]))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serve.served(judge_run, "judge") as url:
+        yield url
 
 
 def test_openai_compatible_judge_against_sftlab_serve(served, monkeypatch):
