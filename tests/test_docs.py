@@ -40,7 +40,7 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"", "bash", "sh", "shell"}
 SKIP_MARKER = re.compile(r"#\s*not checked:\s*\S")
 INVALID_MARKER = "# invalid on purpose"
-NAMES = ("train", "eval", "inspect", "chat", "serve", "merge", "report", "bench")
+NAMES = ("train", "eval", "inspect", "chat", "serve", "merge", "report", "bench", "data", "synth", "review")
 SCRIPTS = {f"sftlab-{name}": name for name in NAMES}
 MODULES = {"sftlab.bench.run": "bench", "sftlab.bench.profile": "profile"}
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -213,7 +213,7 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
 
 def check_composes(overrides: list[str], config_name: str = "train") -> None:
     # paths.output_dir is Hydra's job directory, which only a running app has; nothing is written there.
-    output_dir = RUN_DIR if config_name == "train" else None
+    output_dir = RUN_DIR if config_name in ("train", "data_audit") else None
     for variant in sweep_variants(overrides):
         cfg, origin = build.compose_with_origin(variant, output_dir=output_dir, config_name=config_name)
         OmegaConf.to_container(cfg, resolve=True)
@@ -288,6 +288,22 @@ def check(kind: str, argv: list[str]) -> None:
 
             schema = {"chat": chat.ChatArgs, "serve": serve.ServeArgs, "merge": merge.MergeArgs}[kind]
             parse(schema, argv, prog=f"sftlab-{kind}")
+        elif kind == "data":
+            from sftlab.cli.data import COMMANDS as DATA_COMMANDS
+            from sftlab.cli.data import quote_checks
+
+            if not argv or argv[0] not in DATA_COMMANDS:
+                raise DocError(f"sftlab-data needs a subcommand among {DATA_COMMANDS}")
+            check_composes([quote_checks(a) for a in argv[1:]], config_name="data_audit")
+        elif kind in ("synth", "review"):
+            from sftlab.cli.args import parse
+            from sftlab.cli.review import ReviewArgs
+            from sftlab.eval.synth import SynthSettings
+
+            schema = {"synth": SynthSettings, "review": ReviewArgs}[kind]
+            parse(
+                schema, [a for a in argv if not (kind == "review" and a == "summary")], prog=f"sftlab-{kind}"
+            )
         elif kind == "report":
             from sftlab.cli import report
 
@@ -327,7 +343,7 @@ def test_documented_command_composes_or_parses(command):
 
 def test_every_command_is_documented():
     kinds = {c.kind for c in COMMANDS if not c.skipped}
-    assert kinds == {"train", "eval", "inspect", "chat", "serve", "merge", "report", "bench", "profile"}
+    assert kinds == {*NAMES, "profile"}
 
 
 def test_markers_say_why():
