@@ -118,14 +118,17 @@ def parts(cfg: DictConfig, source: str | None = None) -> Parts:
     return Parts(cfg, source, tokenizer, template, new_token_ids)
 
 
-def datamodule(p: Parts, *, setup: bool = True, **settings: Any) -> SFTDataModule:
-    """`cfg.data` with the runtime objects injected (and `settings` such as packing=True), set up for fit.
+def datamodule(
+    p: Parts | LoadedRun, *, setup: bool = True, stage: str = "fit", **settings: Any
+) -> SFTDataModule:
+    """`cfg.data` of a new or a finished run with the runtime objects injected (and `settings` such as
+    packing=True or another test_path), set up for `stage`.
 
     Partial, then call: Hydra would turn a dataclass passed as a kwarg into a config node."""
     log.info("Instantiating data <%s>", p.cfg.data._target_)
     dm = instantiate(p.cfg.data, _partial_=True)(tokenizer=p.tokenizer, template=p.template, **settings)
     if setup:
-        dm.setup("fit")
+        dm.setup(stage)
     return dm
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import PeftModel
 
 from sftlab import paths
+from sftlab import build
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli import console
 from sftlab.errors import SFTLabError
@@ -35,11 +35,7 @@ log = logging.getLogger("sftlab.eval")
 def load_splits(run: LoadedRun, test_path: str | None) -> dict[str, Any]:
     """The run's data splits, tokenized with the run's tokenizer and template (test_path overrides)."""
     overrides = {"test_path": test_path} if test_path else {}
-    datamodule = instantiate(run.cfg.data, _partial_=True, **overrides)(
-        tokenizer=run.tokenizer, template=run.template
-    )
-    datamodule.setup("test")
-    return datamodule.splits
+    return build.datamodule(run, stage="test", **overrides).splits
 
 
 def evaluate_base(suite: EvalSuite, run: LoadedRun) -> None:
