@@ -55,6 +55,7 @@ def test_sftlab_eval_compares_base_and_tuned(adapter_run):
             "eval=[error_analysis,generate]",
             "eval.generate.max_examples=3",
             "eval.generate.max_new_tokens=6",
+            "wandb=true",  # the tables also go to a W&B run (offline here)
         ],
         cwd=ROOT,
         capture_output=True,
@@ -70,6 +71,7 @@ def test_sftlab_eval_compares_base_and_tuned(adapter_run):
     rows = [json.loads(line) for line in lines]
     assert [r["model"] for r in rows] == ["base"] * 3 + ["tuned"] * 3
     assert all("errors" in r for r in rows) and (adapter_run / "eval" / "worst_tuned.md").is_file()
+    assert list((adapter_run / "eval").rglob("offline-run-*/run-*.wandb"))
 
     # the tuned rows are the adapter model's greedy outputs, the base rows those of the model without it
     run = load_run(adapter_run)

@@ -10,7 +10,6 @@ worst_<model>.md (error analysis), a printed table, and W&B tables with `wandb=t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -21,8 +20,7 @@ import hydra
 from omegaconf import DictConfig
 from peft import PeftModel
 
-from sftlab import paths
-from sftlab import build
+from sftlab import build, paths
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli import console
 from sftlab.errors import SFTLabError
@@ -70,8 +68,9 @@ def _log_wandb(suite: EvalSuite, run: LoadedRun, out_dir: Path) -> None:
 
     if not os.environ.get("WANDB_MODE") and not loggers.wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
-    with contextlib.closing(
-        wandb.init(project="sftlab", job_type="eval", dir=str(out_dir), name=f"eval-{run.run_dir.name}")
+    # A wandb Run is its own context manager (finish on exit); it has no close() for contextlib.closing.
+    with wandb.init(
+        project="sftlab", job_type="eval", dir=str(out_dir), name=f"eval-{run.run_dir.name}"
     ) as wb:
         wb.summary.update({"eval": dict(suite.results)})
         suite.log_to_wandb(wb)
