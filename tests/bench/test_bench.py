@@ -157,3 +157,20 @@ def test_trl_best_is_padding_free_and_trains_completions(spec):
         assert s.computed == s.tokens  # one flattened row: nothing padded
         # completions only: the answer repeats the question's words, the prompt adds the instruction
         assert 8 <= s.targets < s.tokens / 2
+
+
+def test_data_audit_figure_is_timed_and_printed(tmp_path, tiny_model_dir):
+    from sftlab.bench.audit import data_audit
+    from sftlab.bench.report import render
+
+    audit = data_audit({"overrides": ["model=tiny_random"], "workdir": str(tmp_path), "rows": 200})
+    assert audit["rows"] == 200 and audit["seconds"] == pytest.approx(
+        audit["read_s"] + audit["audit_s"], abs=0.02
+    )
+    assert set(audit["duplicates"]) == {"train", "val"}  # 5 % held out, so contamination is measured too
+    peak = {"n": 8, "fp32_gflops": 1.0, "bf16_gflops": 1.0}
+    machine = {"cpu": "cpu", "cpu_threads": 2}
+    text = render(
+        {"date": "d", "machine": machine, "warmup": 1, "steps": 1, "peak": peak, "data_audit": audit}
+    )
+    assert "data audit (sftlab-data audit's analysis): 200 alpaca rows in" in text

@@ -17,6 +17,7 @@ from sftlab.eval.synth import (
     SynthSettings,
     choose,
     done_prompts,
+    expanded_path,
     prompt_sha256,
     read_prompts,
     rejected_path,
@@ -140,9 +141,86 @@ def test_settings_refuse_what_cannot_work():
     with pytest.raises(ConfigError, match="base_url: required with teacher=openai") as err:
         SynthSettings(prompts="p", out="o", model="m", min_score=3, judge=None)
     assert "min_score needs a judge" in str(err.value)
-    with pytest.raises(ConfigError, match="a local teacher decodes greedily"):
-        SynthSettings(prompts="p", out="o", model="run", teacher="local", samples=2)
     assert choose(["a", "b", "c"], [None, 2.0, 2.0]) == 1 and choose(["a"], [None]) == 0
+
+
+class ExpandingTeacher:
+    """Proposes the given tasks in turn to expansion requests and answers every other prompt."""
+
+    def __init__(self, proposals: list[str]) -> None:
+        self.proposals, self.requests, self.answered = list(proposals), [], []
+
+    def sample(self, histories):
+        out = []
+        for h in histories:
+            text = h[-1]["content"]
+            if text.startswith("Here are some example tasks:"):
+                self.requests.append(text)
+                out.append([self.proposals.pop(0)])
+            else:
+                self.answered.append(text)
+                out.append([f"Answer to {text}"])
+        return out
+
+
+def test_expand_writes_new_distinct_prompts_then_answers_them_and_resumes(tmp_path):
+    seeds = ["Write a short poem about the sea.", "Explain how a rainbow forms.", "List three uses of salt."]
+    prompts = write_rows(tmp_path / "p.jsonl", [{"prompt": q} for q in seeds])
+    proposals = [
+        "Task 4: Summarize the plot of a famous novel in two sentences.",  # kept, label removed
+        "Write a short poem about the ocean.",  # ROUGE-L 0.86 with the first seed: too similar
+        "ok",  # under three words
+        "- a bullet",  # does not start like a task
+        "Translate a greeting into French and Spanish.\n\nTask 5: more",  # first paragraph kept
+    ]
+    teacher = ExpandingTeacher(proposals)
+    out = tmp_path / "o.jsonl"
+    s = SynthSettings(prompts=str(prompts), out=str(out), base_url="http://x", model="t", expand=2)
+    counts = synthesize(s, teacher)
+    new = [
+        "Summarize the plot of a famous novel in two sentences.",
+        "Translate a greeting into French and Spanish.",
+    ]
+    assert len(teacher.requests) == 5 and teacher.proposals == []
+    assert all(q in teacher.requests[0] for q in seeds)  # three examples, all from the seed pool
+    expanded = [json.loads(line) for line in expanded_path(out).read_text().splitlines()]
+    assert [r["messages"] for r in expanded] == [[{"role": "user", "content": q}] for q in new]
+    assert [r["provenance"]["round"] for r in expanded] == [0, 4]
+    assert counts["prompts"] == 5 and counts["kept"] == 5 and sorted(teacher.answered) == sorted(seeds + new)
+
+    # asked for one more: the two kept ones are read back, never proposed or answered twice
+    again = ExpandingTeacher(["Describe the water cycle to a child."])
+    counts = synthesize(SynthSettings(**{**s.__dict__, "expand": 3}), again)
+    assert len(again.requests) == 1 and again.answered == ["Describe the water cycle to a child."]
+    assert counts["already_done"] == 5 and counts["kept"] == 1
+    rounds = [json.loads(line)["provenance"]["round"] for line in expanded_path(out).read_text().splitlines()]
+    assert rounds == [0, 4, 5]
+
+
+def test_local_teacher_samples_with_the_settings_seeds(tiny_model, tokenizer, chatml):
+    from types import SimpleNamespace
+
+    from sftlab.eval.synth import LocalTeacher
+    from sftlab.model.generate import Sampling, generate
+
+    run = SimpleNamespace(model=tiny_model, tokenizer=tokenizer, template=chatml)
+    histories = [[{"role": "user", "content": q}] for q in ("What is 2+2?", "Name a colour.")]
+    s = SynthSettings(
+        prompts="p", out="o", model="run", teacher="local", samples=3, temperature=1.5, seed=7, max_tokens=6
+    )
+    answers = LocalTeacher(run, s).sample(histories)
+    for k in range(3):  # sample k of every prompt is the generation loop's draw with seed 7 + k
+        outs = generate(
+            tiny_model, tokenizer, chatml, histories, max_new_tokens=6, sampling=Sampling(1.5, 1.0, 7 + k)
+        )
+        assert [a[k] for a in answers] == [o["text"] for o in outs]
+    assert len({a for per_prompt in answers for a in per_prompt}) > 2  # sampled, not one greedy answer
+    greedy = LocalTeacher(
+        run, SynthSettings(prompts="p", out="o", model="run", teacher="local", temperature=0, max_tokens=6)
+    )
+    assert greedy.sample(histories) == [
+        [o["text"]] for o in generate(tiny_model, tokenizer, chatml, histories, max_new_tokens=6)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,13 @@ def render(result: dict) -> str:
                 f"{prep['tokens'] / prep['tokenizer_s'] / 1e6:.2f} M tokens/s, a ceiling of "
                 f"{prep['tokenizer_rows_per_s']:.0f} rows/s"
             )
+    audit = result.get("data_audit")
+    if audit:
+        lines.append(
+            f"data audit (sftlab-data audit's analysis): {audit['rows']} alpaca rows in "
+            f"{audit['seconds']:.1f} s = {audit['rows_per_s']:.0f} rows/s "
+            f"(read {audit['read_s']} s, audit {audit['audit_s']} s)"
+        )
     first = result.get("first_step")
     if first:
         lines.append(

@@ -72,10 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        help="only these runs: names as in the table, data-prep, first-step, cli-latency",
+        help="only these runs: names as in the table, data-prep, data-audit, first-step, cli-latency",
     )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
+    ap.add_argument("--audit-rows", type=int, default=100_000, help="alpaca rows for the data audit's time")
     ap.add_argument(
         "--gpu-7b",
         action="store_true",
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.steps = 1, 2
         args.varied_rows, args.prep_rows = min(args.varied_rows, 64), min(args.prep_rows, 500)
+        args.audit_rows = min(args.audit_rows, 500)
     return args
 
 
@@ -307,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["data_prep"] = call(
             "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
         )
+        _write(args.out, result)
+    if not args.gpu_7b and wanted(args, "data-audit"):
+        spec = {"overrides": args.override, "workdir": str(workdir), "rows": args.audit_rows}
+        result["data_audit"] = call("audit:data_audit", spec)
         _write(args.out, result)
     if not args.gpu_7b and wanted(args, "first-step"):
         result["first_step"] = first_step(args.override, workdir)

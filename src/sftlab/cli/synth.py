@@ -3,6 +3,7 @@ training data from a teacher model, judged, filtered and resumable (see `sftlab.
 
     sftlab-synth prompts=seeds.jsonl out=distilled.jsonl base_url=http://127.0.0.1:8000/v1 model=teacher \\
         samples=2 judge=hf min_score=3
+    sftlab-synth prompts=seed_tasks.jsonl out=grown.jsonl base_url=... model=teacher expand=200
     sftlab-train data=jsonl data.train_path=distilled.jsonl
 
 Run it again with the same arguments after an interruption: it continues where it stopped. Exit status 1

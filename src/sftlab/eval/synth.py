@@ -1,12 +1,13 @@
 """Synthetic training data from a teacher model: prompts in, judged and filtered responses out, resumable.
 
 Prompts come from any supported data file (its responses, if any, are kept as `reference` in the
-provenance). A teacher answers each prompt `samples` times: an OpenAI-compatible endpoint through the
+provenance); with `expand=N` the teacher first writes N new prompts from them in the Self-Instruct way
+(`expand_prompts`). A teacher answers each prompt `samples` times: an OpenAI-compatible endpoint through the
 official `openai` client (its retries and timeouts; requests in flight bounded by `concurrency`), or a local
-run through sftlab's one generation loop (greedy, so one sample). Candidates that fail the filters (length,
-refusal) are dropped; with a judge (the `eval=judge` rubric, a local model or an endpoint) the best-scoring
-survivor is kept, and `min_score` rejects a prompt whose best is too weak. Prompts already in
-`dedupe_with` (or repeated in the prompt file) are skipped.
+run through sftlab's one generation loop (the same temperature, top_p and seeds). Candidates that fail the
+filters (length, refusal) are dropped; with a judge (the `eval=judge` rubric, a local model or an endpoint)
+the best-scoring survivor is kept, and `min_score` rejects a prompt whose best is too weak. Prompts already
+in `dedupe_with` (or repeated in the prompt file) are skipped.
 
 Every kept row is `{"messages": [...prompt, {"role": "assistant", ...}], "provenance": {...}}` (teacher,
 sampling parameters, time, prompt SHA-256, source file:line, candidates and scores), ready for
@@ -47,7 +48,9 @@ class SynthSettings:
     teacher: openai (base_url + model; the key from $api_key_env) or local (model = a run directory).
     samples: answers per prompt; with judge=hf|openai the best-scoring one is kept, else the first that
     passes the filters. Filters: min_chars, max_chars, drop_refusals, min_score (needs a judge).
-    dedupe_with: a data file whose prompts are skipped."""
+    dedupe_with: a data file whose prompts are skipped. expand: new prompts the teacher writes first from
+    `expand_examples` examples at a time, each kept only if its ROUGE-L with every earlier prompt is below
+    `expand_max_rouge` (Self-Instruct's filter)."""
 
     prompts: str = "???"
     out: str = "???"
@@ -73,6 +76,9 @@ class SynthSettings:
     drop_refusals: bool = True
     dedupe_with: str | None = None
     keep_reference: bool = True
+    expand: int = 0
+    expand_examples: int = 3
+    expand_max_rouge: float = 0.7
     format: str | None = None
     chunk: int = 8  # prompts generated (and judged) together before their rows are written
 
@@ -82,10 +88,10 @@ class SynthSettings:
             problems.append(f"teacher={self.teacher!r}: use openai (an endpoint) or local (a run directory)")
         if self.teacher == "openai" and not self.base_url:
             problems.append("base_url: required with teacher=openai, e.g. http://127.0.0.1:8000/v1")
-        if self.teacher == "local" and self.samples != 1:
-            problems.append("samples: a local teacher decodes greedily, so one sample per prompt")
-        if self.samples < 1 or self.concurrency < 1 or self.chunk < 1:
-            problems.append("samples, concurrency and chunk must be >= 1")
+        if self.samples < 1 or self.concurrency < 1 or self.chunk < 1 or self.expand_examples < 1:
+            problems.append("samples, concurrency, chunk and expand_examples must be >= 1")
+        if self.expand < 0 or not 0 < self.expand_max_rouge <= 1:
+            problems.append("expand must be >= 0 and expand_max_rouge in (0, 1]")
         if self.judge not in (None, "hf", "openai"):
             problems.append(f"judge={self.judge!r}: use null, hf (a local model) or openai (an endpoint)")
         if self.min_score is not None and self.judge is None:
@@ -226,17 +232,25 @@ class OpenAITeacher:
 
 class LocalTeacher:
     """A loaded run (`sftlab.build.load_run`: model, tokenizer, template) through sftlab's one generation
-    loop, greedy."""
+    loop, with the same sampling settings as an endpoint (temperature 0: greedy). Sample k of a chunk draws
+    with `seed + k`, so a rerun of the same chunk draws the same answers."""
 
     def __init__(self, run: Any, s: SynthSettings) -> None:
         self.run, self.s = run, s
 
     def sample(self, histories: Sequence[list[dict]]) -> list[list[str]]:
-        from sftlab.model.generate import generate
+        from sftlab.model.generate import Sampling, generate
 
-        r = self.run
-        outs = generate(r.model, r.tokenizer, r.template, histories, max_new_tokens=self.s.max_tokens)
-        return [[o["text"]] for o in outs]
+        r, s = self.run, self.s
+        per_sample = []
+        for k in range(s.samples):
+            seed = None if s.seed is None else s.seed + k
+            sampling = Sampling(temperature=s.temperature, top_p=s.top_p, seed=seed)
+            outs = generate(
+                r.model, r.tokenizer, r.template, histories, max_new_tokens=s.max_tokens, sampling=sampling
+            )
+            per_sample.append([o["text"] for o in outs])
+        return [list(answers) for answers in zip(*per_sample, strict=True)]
 
 
 def make_judge(s: SynthSettings) -> Any:
@@ -345,9 +359,95 @@ def _row(
     return {"messages": [*p.history, {"role": "assistant", "content": answer}], "provenance": provenance}
 
 
+# ---- Self-Instruct prompt expansion ----------------------------------------------------------------------
+EXPAND_REQUEST = (
+    "Here are some example tasks:\n\n{examples}\n\nWrite one new task that is different from all of them, "
+    "as a user would ask it. Reply with the task only."
+)
+
+
+def expanded_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".expanded.jsonl")
+
+
+def _instruction(history: Sequence[dict]) -> str:
+    return next(m["content"] for m in reversed(history) if m["role"] == "user")
+
+
+def parse_task(text: str) -> str | None:
+    """The task in a teacher's reply: its first paragraph without a "Task N:" label; None when the reply
+    is unusable (empty, under 3 words or over 150, or not starting with a letter, digit or quote)."""
+    first = text.strip().split("\n\n")[0].strip()
+    label, sep, rest = first.partition(":")
+    if sep and label.lower().startswith(("task", "new task")) and len(label) < 16:
+        first = rest.strip()
+    n_words = len(first.split())
+    if not first or not (first[0].isalnum() or first[0] in "\"'") or not 3 <= n_words <= 150:
+        return None
+    return first
+
+
+def expand_prompts(prompts: Sequence[Prompt], s: SynthSettings, teacher: Any, file: Path) -> list[Prompt]:
+    """`s.expand` new single-turn prompts written by the teacher from the given ones, Self-Instruct style
+    (Wang et al., 2023): each request shows `expand_examples` tasks drawn from the pool (seeded by the
+    round), and a proposal joins the pool only if its ROUGE-L F1 with every task already there is below
+    `expand_max_rouge`. Accepted prompts are appended to `file` one by one; a restart reads them back and
+    continues with the next round, so none is lost or written twice. At most 10 rounds per wanted prompt,
+    so a teacher that keeps repeating itself ends the expansion (logged) rather than the run.
+
+    ROUGE-L through `rouge_score`, the scorer the paper used."""
+    import random
+
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ConfigError("expand needs rouge-score: pip install 'sftlab[synth]'") from None
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    done_prompts(file)  # cuts a line a kill left half written
+    lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+    new = read_prompts(str(file), "messages", key="expanded")[0] if lines else []
+    round_ = max((json.loads(line)["provenance"]["round"] + 1 for line in lines), default=0)
+    pool = [_instruction(p.history) for p in [*prompts, *new]]
+    while len(new) < s.expand and round_ < 10 * s.expand:
+        rng = random.Random((s.seed or 0) * 1_000_003 + round_)
+        examples = rng.sample(pool, min(s.expand_examples, len(pool)))
+        listed = "\n".join(f"Task {k + 1}: {t}" for k, t in enumerate(examples))
+        request = [{"role": "user", "content": EXPAND_REQUEST.format(examples=listed)}]
+        for text in teacher.sample([request])[0]:
+            task = parse_task(text)
+            if task is None or len(new) >= s.expand:
+                continue
+            if any(scorer.score(old, task)["rougeL"].fmeasure >= s.expand_max_rouge for old in pool):
+                continue
+            history = [{"role": "user", "content": task}]
+            prompt = Prompt(f"{file}:{len(new) + 1}", history, None, prompt_sha256(history))
+            provenance = {
+                **_provenance_base(prompt),
+                "round": round_,
+                "examples": examples,
+                "teacher": {"backend": s.teacher, "model": s.model, "base_url": s.base_url},
+            }
+            append_row(file, {"messages": history, "provenance": provenance})
+            pool.append(task)
+            new.append(prompt)
+        round_ += 1
+    if len(new) < s.expand:
+        log.warning(
+            "sftlab-synth: the teacher proposed only %d distinct new prompts in %d rounds (expand=%d)",
+            len(new), round_, s.expand,
+        )  # fmt: skip
+    return new
+
+
 # ---- the run ---------------------------------------------------------------------------------------------
 def rejected_path(out: Path) -> Path:
     return out.with_name(out.stem + ".rejected.jsonl")
+
+
+def _teacher(s: SynthSettings, teacher: Any) -> Any:
+    if teacher is None and s.teacher == "local":
+        raise ConfigError("teacher=local: pass a LocalTeacher around a loaded run (sftlab-synth does).")
+    return teacher or OpenAITeacher(s)
 
 
 def synthesize(s: SynthSettings, teacher: Any = None, judge: Any = None) -> dict[str, Any]:
@@ -356,6 +456,9 @@ def synthesize(s: SynthSettings, teacher: Any = None, judge: Any = None) -> dict
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts, skipped = read_prompts(s.prompts, s.format)
+    if s.expand:
+        teacher = _teacher(s, teacher)
+        prompts = [*prompts, *expand_prompts(prompts, s, teacher, expanded_path(out))]
     if s.dedupe_with:
         existing, _ = read_prompts(s.dedupe_with, None, key="dedupe_with")
         known = {normalized_prompt(p.history) for p in existing}
@@ -369,9 +472,7 @@ def synthesize(s: SynthSettings, teacher: Any = None, judge: Any = None) -> dict
         "sftlab-synth: %d prompts, %d already done, %d to go", len(prompts), counts["already_done"], len(todo)
     )
     if todo:
-        if teacher is None and s.teacher == "local":
-            raise ConfigError("teacher=local: pass a LocalTeacher around a loaded run (sftlab-synth does).")
-        teacher = teacher or OpenAITeacher(s)
+        teacher = _teacher(s, teacher)
         judge = judge if judge is not None else make_judge(s)
     kept = rejected = 0
     for start in range(0, len(todo), s.chunk):
