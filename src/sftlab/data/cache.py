@@ -3,8 +3,9 @@
 The key hashes everything the processed tokens depend on: the data files' contents (or a hub dataset id and
 revision), every data setting that changes tokens or rows (format, fields, max_length, truncation, train_on,
 packing, val_fraction, dedupe, on_error, seed, mixture weights), the template's fields, the tokenizer (class,
-vocabulary and merges, added and special tokens, chat template) and the source of the modules that make the
-tokens (formats, templates, tokenize, packing). Any change gives a new key; stale entries are never read.
+vocabulary and merges, added and special tokens, chat template) and the source of every module of the data
+package (readers, mixtures, split, dedupe, formats, templates, tokenize, packing, ...). Any change gives a new
+key; stale entries are never read.
 
 Layout: `<cache_dir>/<key>/` with `meta.json` (counts, per split) and per split `<split>.npz` (flat int32
 token arrays + offsets) and `<split>.rows.json` (the kept conversations, for generation-based evaluation).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from sftlab.data import formats, packing, templates, tokenize
 from sftlab.data.tokenize import Encoded
 
 FORMAT_VERSION = 1
@@ -72,9 +71,15 @@ def template_fingerprint(template: Any) -> dict:
     return {"class": type(template).__name__, **fields}
 
 
-def code_fingerprint() -> str:
-    source = "".join(inspect.getsource(m) for m in (formats, templates, tokenize, packing))
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+def code_fingerprint(package: Path = Path(__file__).parent) -> str:
+    """A hash of every module of the data package. All of them, not a list of the ones that shape tokens
+    today: a list goes stale when code moves between modules or a new one joins the pipeline, and then an
+    edit silently reuses old entries. An edit to a module that does not shape the data (the audit, say)
+    costs one rebuild of the cache."""
+    h = hashlib.sha256()
+    for module in sorted(package.rglob("*.py")):
+        h.update(str(module.relative_to(package)).encode() + b"\0" + module.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:

@@ -5,15 +5,20 @@ Sources (`data.train_path` / `val_path` / `test_path`): a local .jsonl / .json /
 `validation` or `test`), or a list of sources mixed with weights: `[{path: a.jsonl, weight: 2}, {path: b.csv,
 weight: 0.5}]` repeats every row of a twice and a seeded half of b's rows. JSONL and CSV are read with the
 standard library so every row keeps its `file:line` and no value is type-coerced (CSV cells are strings).
+
+A hub source takes `load_dataset`'s own arguments as users pass them: `{path: org/set, name: config,
+data_dir: ..., data_files: ..., revision: ..., split: ..., kwargs: {...any other keyword...}}`; the same
+works for datasets' file builders (`{path: json, data_files: "shards/*.jsonl"}`).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +43,17 @@ class Source:
     weight: float = 1.0
     split: str | None = None  # hub split name (default: train / validation / test)
     revision: str | None = None  # hub revision, part of the cache key
+    # the other keyword arguments of `datasets.load_dataset` (name, data_dir, data_files, kwargs' entries)
+    load: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+LOAD_KEYS = ("name", "data_dir", "data_files")
+SOURCE_KEYS = ("path", "weight", "split", "revision", *LOAD_KEYS, "kwargs")
 
 
 def parse_sources(value: Any, key: str) -> list[Source]:
-    """`data.<split>_path`: null, one path / hub id, or a list of paths or {path, weight, split, revision}."""
+    """`data.<split>_path`: null, one path / hub id, or a list of paths or {path, weight, split, revision,
+    name, data_dir, data_files, kwargs} (the last four go to `datasets.load_dataset`)."""
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if value is None:
@@ -52,11 +64,19 @@ def parse_sources(value: Any, key: str) -> list[Source]:
         spec = {"path": item} if isinstance(item, str) else item
         if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
             raise ConfigError(f"{key}={value!r}: each source is a path string or {{path, weight, split}}.")
-        unknown = set(spec) - {"path", "weight", "split", "revision"}
+        unknown = set(spec) - set(SOURCE_KEYS)
         weight = spec.get("weight", 1.0)
-        if unknown or not isinstance(weight, int | float) or weight <= 0:
-            raise ConfigError(f"{key}: bad source {spec!r}: keys are path, weight (> 0), split, revision.")
-        sources.append(Source(spec["path"], float(weight), spec.get("split"), spec.get("revision")))
+        extra = spec.get("kwargs") or {}
+        if unknown or not isinstance(weight, int | float) or weight <= 0 or not isinstance(extra, dict):
+            raise ConfigError(
+                f"{key}: bad source {spec!r}: keys are {', '.join(SOURCE_KEYS)} (weight > 0; kwargs: a "
+                "mapping of other datasets.load_dataset arguments)."
+            )
+        clash = set(extra) & {"path", "split", "revision", "streaming", *LOAD_KEYS}
+        if clash:
+            raise ConfigError(f"{key}: kwargs {sorted(clash)} are source keys of their own; move them up.")
+        load = {k: spec[k] for k in LOAD_KEYS if spec.get(k) is not None} | extra
+        sources.append(Source(spec["path"], float(weight), spec.get("split"), spec.get("revision"), load))
     return sources
 
 
@@ -140,10 +160,19 @@ def read_with_datasets(source: Source, file: Path | None, split: str, key: str) 
     import datasets
 
     try:
+        if file is not None and source.load:
+            raise ConfigError(
+                f"{key}: {sorted(source.load)} are datasets.load_dataset arguments for a hub id or a "
+                f"builder (json, csv, parquet ...); {source.path!r} is a local file. Drop them, or use "
+                "path: parquet with data_files."
+            )
         if file is not None:
             ds = datasets.load_dataset("parquet", data_files=str(file), split="train")
         else:
-            ds = datasets.load_dataset(source.path, split=source.split or split, revision=source.revision)
+            split = source.split or split
+            ds = datasets.load_dataset(source.path, split=split, revision=source.revision, **source.load)
+    except ConfigError:
+        raise
     except Exception as err:  # datasets raises many types; the message says what to do
         raise DataError(
             f"{key}={source.path!r}: cannot load it with datasets ({type(err).__name__}: "
@@ -172,6 +201,17 @@ def weigh(rows: list[Row], weight: float, seed: int) -> list[Row]:
 
 
 def source_fingerprint(source: Source, key: str) -> dict:
+    """What the source's rows depend on: a local file's bytes; a hub id, its revision and load arguments,
+    plus the bytes of every local file its `data_files` name (a builder such as `json` reading shards)."""
     file = _local_file(source.path, key)
     ident = cache.file_digest(file) if file is not None else f"hub:{source.path}@{source.revision}"
-    return {"data": ident, "weight": source.weight, "split": source.split}
+    out = {"data": ident, "weight": source.weight, "split": source.split}
+    if source.load:
+        out["load"] = source.load
+        files = source.load.get("data_files")
+        patterns = [files] if isinstance(files, str) else list(files or []) if isinstance(files, list) else []
+        if isinstance(files, dict):
+            patterns = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+        matched = sorted({m for pat in patterns for m in glob.glob(pat, recursive=True) if Path(m).is_file()})
+        out["data_files"] = {m: cache.file_digest(m) for m in matched}
+    return out

@@ -1,0 +1,70 @@
+"""Sources: `load_dataset`'s arguments pass through for hub ids and builders, and the cache key follows what
+the rows depend on (the files a builder reads, every module of the data package)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sftlab.data import cache
+from sftlab.data.sources import Source, parse_sources, read_source, source_fingerprint
+from sftlab.errors import ConfigError
+
+
+def _shards(folder: Path) -> list[Path]:
+    folder.mkdir()
+    files = []
+    for k in range(2):
+        rows = [{"prompt": f"q{k}{j}", "completion": f"a{k}{j}"} for j in range(3)]
+        files.append(folder / f"shard-{k}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def test_builder_with_data_files_and_kwargs_reads_every_shard(tmp_path):
+    files = _shards(tmp_path / "shards")
+    spec = {"path": "json", "data_files": str(tmp_path / "shards" / "shard-*.jsonl"), "split": "train"}
+    (source,) = parse_sources([{**spec, "kwargs": {"encoding": "utf-8"}}], "data.train_path")
+    assert source.load == {"data_files": spec["data_files"], "encoding": "utf-8"}
+    rows = read_source(source, "data.train_path", "train")
+    assert sorted(r["prompt"] for _, r in rows) == [f"q{k}{j}" for k in range(2) for j in range(3)]
+
+    before = source_fingerprint(source, "data.train_path")
+    assert sorted(before["data_files"]) == sorted(map(str, files))
+    files[1].write_text(files[1].read_text().replace("a12", "changed"))
+    assert source_fingerprint(source, "data.train_path")["data_files"] != before["data_files"]
+
+
+def test_load_arguments_are_refused_where_they_cannot_apply(tmp_path):
+    with pytest.raises(ConfigError, match=r"kwargs \['data_files'\] are source keys of their own"):
+        parse_sources([{"path": "org/set", "kwargs": {"data_files": "x"}}], "data.train_path")
+    with pytest.raises(ConfigError, match="keys are path, weight, split, revision, name, data_dir"):
+        parse_sources([{"path": "org/set", "nmae": "x"}], "data.train_path")
+    parquet = tmp_path / "rows.parquet"
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}]).to_parquet(str(parquet))
+    with pytest.raises(
+        ConfigError, match=r"\['name'\] are datasets.load_dataset arguments .* is a local file"
+    ):
+        read_source(Source(str(parquet), load={"name": "cfg"}), "data.train_path", "train")
+
+
+def test_code_fingerprint_covers_every_module_of_the_data_package(tmp_path):
+    package = Path(cache.__file__).parent
+    copy = tmp_path / "data"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = cache.code_fingerprint(copy)
+    assert base == cache.code_fingerprint(package)
+    modules = sorted(copy.rglob("*.py"))
+    assert {"sources.py", "pipeline.py", "datamodule.py", "formats.py", "tokenize.py"} <= {
+        m.name for m in modules
+    }
+    for module in modules:
+        original = module.read_bytes()
+        module.write_bytes(original + b"\n# an edit\n")
+        assert cache.code_fingerprint(copy) != base, module.name
+        module.write_bytes(original)
