@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftlab import build
-from sftlab.data.collate import Examples, collate
+from sftlab.data.collate import Examples, boundaries, collate
 from sftlab.data.packing import pack
 from sftlab.data.tokenize import IGNORE_INDEX, encode_conversations
 from sftlab.model.forward import token_loss_sum
@@ -63,6 +63,15 @@ def test_pack_keeps_every_example_and_resets_positions(encoded):
     assert sorted(pieces) == sorted((e.input_ids, e.labels) for e in encoded)
 
 
+def test_packed_batches_state_their_boundaries_as_flash_attention_reads_them():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]])  # the last two of row 2: padding
+    b = boundaries(position_ids)
+    assert b["cu_seq_lens_q"].tolist() == b["cu_seq_lens_k"].tolist() == [0, 3, 5, 6, 10, 11, 12]
+    assert b["cu_seq_lens_q"].dtype == b["seq_idx"].dtype == torch.int32
+    assert b["max_length_q"] == b["max_length_k"] == 4
+    assert b["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 4, 5]]
+
+
 def _spans(row):
     starts = [i for i, p in enumerate(row) if p == 0]
     return list(zip(starts, [*starts[1:], len(row)], strict=True))
@@ -104,7 +113,8 @@ def test_controls_fail_the_same_check(model, encoded, tokenizer):
 
 def test_per_example_loss_is_the_same_packed_and_unpacked(model, encoded, tokenizer):
     rows = pack(encoded, max_length=128)
-    packed = batch_of(rows, tokenizer.pad_token_id)
+    packed = batch_of(rows, tokenizer.pad_token_id)  # with its boundaries, which the loss passes on
+    assert int(packed["cu_seq_lens_q"][-1]) == packed["input_ids"].numel()
     for k, ex in enumerate(encoded):
         alone_sum, alone_n = token_loss_sum(model, batch_of([ex], tokenizer.pad_token_id))
         # The same example inside the packed batch: keep only its labels.

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.utilities import move_data_to_device
 
 from sftlab import build, paths
 from sftlab.bench import runner
@@ -63,7 +64,7 @@ def run_bare(spec: dict[str, Any]) -> dict:
     steps = []
     last = clock()
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = move_data_to_device(batch, device)
         with _autocast(device, prec):
             loss_sum, _ = token_loss_sum(model, batch)
         (loss_sum / batch["step_targets"].clamp(min=1)).backward()

@@ -30,7 +30,8 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad. Padding gets label -100 and attention 0, so it is never trained, even when pad == eos.
 
     Packed rows also carry `position_ids` (restarting per example; padding gets 0, its own one-token
-    "sequence"); the model then builds a block-diagonal mask from them (see packing.py).
+    "sequence"); the model then builds a block-diagonal mask from them (see packing.py). And the same
+    boundaries explicitly (`boundaries`), for attention kinds that do not read position ids.
     """
     width = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
@@ -53,4 +54,29 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         for row, f in enumerate(features):
             position_ids[row, : len(f["position_ids"])] = torch.tensor(f["position_ids"])
         batch["position_ids"] = position_ids
+        batch.update(boundaries(position_ids))
     return batch
+
+
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def boundaries(position_ids: torch.Tensor) -> dict:
+    """The sequences of a packed batch as transformers' `DataCollatorWithFlattening` states them, over the
+    batch's rows laid end to end: `cu_seq_lens_q/_k` (int32 starts plus the total), `max_length_q/_k` (a
+    Python int) and `seq_idx` (int32, batch-shaped: which sequence each token belongs to).
+
+    Flash-attention reads position ids as boundaries only for a single flattened row; with several packed
+    rows per batch it needs these, or examples would attend to each other. Eager and SDPA ignore them."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    seq_idx = (torch.cumsum((flat == 0).to(torch.int32), 0) - 1).to(torch.int32).view_as(position_ids)
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "seq_idx": seq_idx,
+    }

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pytorch_lightning.utilities import move_data_to_device
 
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.eval.base import LOSS, EvalContext
@@ -48,7 +49,7 @@ class LossEval:
         total, count = 0.0, 0
         try:
             for batch in _batches(examples, self.batch_size, ctx.tokenizer.pad_token_id):
-                loss_sum, n = token_loss_sum(ctx.model, {k: v.to(device) for k, v in batch.items()})
+                loss_sum, n = token_loss_sum(ctx.model, move_data_to_device(batch, device))
                 total, count = total + float(loss_sum), count + int(n)
         finally:
             ctx.model.train(was_training)

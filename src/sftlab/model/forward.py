@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from sftlab.data.collate import BOUNDARY_KEYS
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
 
@@ -33,13 +34,15 @@ def token_loss_sum(
     lm = unwrap(model)
     # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
     # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
-    # attention never lets a real token see it; it only needs its label -100. See data/packing.py.
+    # attention never lets a real token see it; it only needs its label -100. See data/packing.py. Flash
+    # attention takes the boundaries from cu_seq_lens instead (data/collate.py: boundaries).
     packed = "position_ids" in batch
     hidden = (decoder or lm.get_decoder())(
         input_ids=batch["input_ids"],
         attention_mask=None if packed else batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **{k: batch[k] for k in BOUNDARY_KEYS if k in batch and k != "seq_idx"},
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
