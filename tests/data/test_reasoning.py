@@ -105,3 +105,18 @@ def test_token_spans_name_reasoning_and_sum_to_the_example(tokenizer, chatml):
     n = sum(n for *_, n in reasoning)
     start = sum(n for _, _, n in spans[: spans.index(reasoning[0])])
     assert tokenizer.decode(ex.input_ids[start : start + n]) == "<think>\nFour.\n</think>\n\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100])
+def test_answer_stream_holds_back_reasoning_in_any_chunking(chunk):
+    from sftlab.data.reasoning import AnswerStream
+
+    def stream(text):
+        s = AnswerStream()
+        shown = "".join(s.feed(text[i : i + chunk]) for i in range(0, len(text), chunk)) + s.close()
+        return shown, s.reasoning
+
+    assert stream("<think>\nHmm: 2+2.\n</think>\n\nIt is 4.") == ("It is 4.", "Hmm: 2+2.")
+    assert stream("It is 4. <think> is a tag.") == ("It is 4. <think> is a tag.", None)
+    assert stream("<thi") == ("<thi", None)  # ended before it could be a tag: shown as written
+    assert stream("<think>\nStill going") == ("", "Still going")  # cut off while reasoning

@@ -60,3 +60,54 @@ def apply_reasoning(messages: Sequence[dict], policy: str) -> list[dict]:
             m = {k: v for k, v in m.items() if k != REASONING_KEY}
         out.append(m)
     return out
+
+
+class AnswerStream:
+    """Streams the answer of an output that may open with `<think>…</think>`, holding back the reasoning.
+
+    `feed(delta)` returns the text that can be shown now; `close()` the rest. Text is held only while the
+    output could still be a reasoning block (it starts with `<think>`, or with a prefix of it); an output that
+    does not start with the tag streams unchanged. sftlab-chat uses it (reasoning=strip); so can a server.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.state = "start"  # start -> thinking -> answer (or start -> answer)
+        self.shown = 0
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.state == "start":
+            head = self.text.lstrip()
+            if THINK_OPEN.startswith(head):  # too early to tell (e.g. "<th")
+                return ""
+            self.state = "thinking" if head.startswith(THINK_OPEN) else "answer"
+        if self.state == "thinking":
+            if THINK_CLOSE not in self.text:
+                return ""
+            self.state = "answer"
+            answer = self.text.split(THINK_CLOSE, 1)[1]
+            self.shown = len(self.text) - len(answer.lstrip("\n"))
+            if not answer.lstrip("\n"):  # the newlines after </think> may still come
+                self.state = "after_close"
+                return ""
+        if self.state == "after_close":
+            rest = self.text[self.shown :].lstrip("\n")
+            if not rest:
+                return ""
+            self.shown = len(self.text) - len(rest)
+            self.state = "answer"
+        out = self.text[self.shown :]
+        self.shown = len(self.text)
+        return out
+
+    def close(self) -> str:
+        """What is left to show once the output ended (an unfinished reasoning block shows nothing)."""
+        if self.state == "start":  # a short output that only looked like the start of a tag
+            self.state, self.shown = "answer", len(self.text)
+            return self.text
+        return ""
+
+    @property
+    def reasoning(self) -> str | None:
+        return split_reasoning(self.text)[0]
