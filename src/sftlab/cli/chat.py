@@ -8,8 +8,9 @@ When stdin is not a terminal, lines are read from it one message each, so a chat
 
 Options: `base=true` chats with the run's base model (adapter disabled), `system=...` sets a system message,
 `reasoning=strip|show` (a reasoning model's `<think>…</think>` block is hidden by default and never fed back
-as history, as in training with data.reasoning=keep_last), `max_new_tokens`, and `temperature` (0 = greedy, the default, as in evaluation), with `top_p` and `seed` when
-sampling. Generation is sftlab.model.generate's loop, the one evaluation and `sftlab-serve` use.
+as history, as in training with data.reasoning=keep_last), `max_new_tokens`, and `temperature` (0 = greedy,
+the default, as in evaluation), with `top_p` and `seed` when sampling. Generation is sftlab.model.generate's
+loop, the one evaluation and `sftlab-serve` use.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> d
         parts.append(delta)
     print(shown.close() if shown else "", file=out, flush=True)
     reasoning, answer = split_reasoning("".join(parts))
-    # Kept in the history as data.reasoning=keep_last trains it: the next prompt drops it (encode_prompt).
+    # Kept in the history; the next prompt drops it (encode_prompt), as data.reasoning=keep_last trains it.
     return {"role": "assistant", "content": answer} | (
         {} if reasoning is None else {REASONING_KEY: reasoning}
     )

@@ -29,7 +29,7 @@ def normalize(text: str) -> str:
 
 
 def make_record(index: int, history: list[dict], reference: str, out: dict, reasoning: str = "strip") -> dict:
-    """One generation record; `out` is a `model.generate.generate` result ({"text", "stopped", "new_tokens"})."""
+    """One generation record; `out` is one result of `model.generate.generate` (text, stopped, new_tokens)."""
     thought, answer = split_reasoning(out["text"])
     return {
         "index": index,
