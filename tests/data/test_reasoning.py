@@ -120,3 +120,19 @@ def test_answer_stream_holds_back_reasoning_in_any_chunking(chunk):
     assert stream("It is 4. <think> is a tag.") == ("It is 4. <think> is a tag.", None)
     assert stream("<thi") == ("<thi", None)  # ended before it could be a tag: shown as written
     assert stream("<think>\nStill going") == ("", "Still going")  # cut off while reasoning
+
+
+def test_saved_template_drops_reasoning_from_history_as_training_does(tokenizer, chatml):
+    """A client that sends an earlier answer with its <think> block inline gets the prompt training used."""
+    raw = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nFour.\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"},
+    ]
+    jinja = chatml.bind(tokenizer).to_jinja()
+    served = tokenizer.apply_chat_template(
+        raw, chat_template=jinja, add_generation_prompt=True, tokenize=False
+    )
+    canonical = to_messages({"messages": [*raw, {"role": "assistant", "content": "6"}]}, None, "t:1")[:-1]
+    assert served == tokenizer.decode(encode_prompt(canonical, chatml, tokenizer))
+    assert "Four." not in served

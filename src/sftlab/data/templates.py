@@ -12,7 +12,11 @@ One template = one config file under conf/template/ naming this class as `_targe
 response with EOS, whatever the model calls it); `bind(tokenizer)` fills them in; tokenize.py calls it.
 
 `TokenizerTemplate` (`template=tokenizer`) uses the tokenizer's own Jinja chat template instead: it renders
-prefixes of the conversation and diffs the strings to find each assistant span, so no token ids are searched.
+prefixes of the conversation and diffs the strings to find each assistant span, so no token ids are searched;
+where the Jinja marks the spans itself (`{% generation %}`), the two must agree.
+
+Reasoning (`reasoning_content`, see reasoning.py) is written as a trained `<think>` block before the answer;
+which turns keep it is decided before rendering (`data.reasoning`).
 """
 
 from __future__ import annotations
@@ -247,7 +251,9 @@ class TokenizerTemplate:
     special token (the end-of-turn marker, e.g. `<|im_end|>`, `<|eot_id|>`) after the response content; text
     after it (a newline) is untrained, as with the named templates. Templates that rewrite earlier turns
     (so a shorter conversation is not a prefix of a longer one) are refused with a message, never guessed at.
-    The Jinja template usually writes BOS itself, so `bos` stays false.
+    A Jinja with `{% generation %}` markers gives the mask itself (`return_assistant_tokens_mask`); it is
+    used after a check against the prefix diff (`_check_markers`). Kept reasoning reaches the Jinja as
+    `reasoning_content` and must appear in its text. The Jinja usually writes BOS itself: `bos` stays false.
     """
 
     name: str = "tokenizer"
