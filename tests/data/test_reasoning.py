@@ -135,4 +135,6 @@ def test_saved_template_drops_reasoning_from_history_as_training_does(tokenizer,
     )
     canonical = to_messages({"messages": [*raw, {"role": "assistant", "content": "6"}]}, None, "t:1")[:-1]
     assert served == tokenizer.decode(encode_prompt(canonical, chatml, tokenizer))
+    # sftlab-serve / chat prompts: the inline block is parsed, then dropped from history the same way
+    assert encode_prompt(raw, chatml, tokenizer) == encode_prompt(canonical, chatml, tokenizer)
     assert "Four." not in served

@@ -47,6 +47,21 @@ def strip_reasoning(text: str) -> str:
     return split_reasoning(text)[1]
 
 
+def inline_to_field(messages: Sequence[dict]) -> list[dict]:
+    """Assistant messages with `<think>…</think>` in their content (as an OpenAI client sends a reasoning
+    model's earlier replies back) in the canonical form the readers produce, so a served or chat prompt
+    drops them from the history exactly as training did."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if m.get("role") == "assistant" and REASONING_KEY not in m and isinstance(content, str):
+            reasoning, answer = split_reasoning(content)
+            if reasoning is not None:
+                m = {**m, REASONING_KEY: reasoning, "content": answer}
+        out.append(m)
+    return out
+
+
 def apply_reasoning(messages: Sequence[dict], policy: str) -> list[dict]:
     """The conversation as the template should render it under `policy` (see the module docstring)."""
     if policy not in POLICIES:

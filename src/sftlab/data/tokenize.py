@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import Conversation
-from sftlab.data.reasoning import apply_reasoning
+from sftlab.data.reasoning import apply_reasoning, inline_to_field
 from sftlab.data.templates import ChatTemplate, Segment, TokenizerTemplate
 from sftlab.errors import DataError
 
@@ -230,9 +230,10 @@ def encode_prompt(
     reasoning: str = "keep_last",
 ) -> list[int]:
     """Token ids inference feeds the model for the next assistant turn (same tokenization as training;
-    `reasoning` as data.reasoning: by default earlier turns' reasoning is dropped, as in training)."""
+    `reasoning` as data.reasoning: by default earlier turns' reasoning is dropped, as in training, also when
+    a client sends it inline as `<think>…</think>`)."""
     template.bind(tokenizer)
-    segs = template.generation_prompt(apply_reasoning(messages, reasoning))
+    segs = template.generation_prompt(apply_reasoning(inline_to_field(messages), reasoning))
     ids, _ = segments_to_ids(segs, Vocab.build([segs], tokenizer), bos_id_for(template, tokenizer))
     return ids
 
