@@ -181,22 +181,29 @@ def test_tool_calling_dataset_trains_and_inspect_shows_calls_and_results(tmp_pat
     ]
 
 
-def test_reasoning_dataset_trains_on_qwen_vocabulary_and_inspect_shows_reasoning(tmp_path, capsys):
+@pytest.mark.parametrize("vocabulary", ["smollm2", pytest.param("qwen3", marks=pytest.mark.slow)])
+def test_reasoning_dataset_trains_and_inspect_shows_reasoning(vocabulary, tmp_path, capsys, tokenizer):
+    """On SmolLM2's vocabulary `<think>` is text; on Qwen's (slow: a 151k-token vocabulary) it is the model's
+    own added token. Either way the same spans are trained."""
     from tests.helpers import vendor_tokenizers as vendor
 
-    qwen = vendor.qwen3()
-    qwen.save_pretrained(tmp_path / "qwen")
-    overrides = [f"model.tokenizer_name_or_path={tmp_path / 'qwen'}", "template=chatml"]
-    metrics, record, _ = train_and_inspect(
-        tmp_path, [reasoning_row(i) for i in range(1, 9)], overrides, capsys, rich=False
+    overrides = ["template=chatml"]
+    if vocabulary == "qwen3":
+        tokenizer = vendor.qwen3()
+        overrides.append(f"model.tokenizer_name_or_path={vendor.qwen3_dir()}")
+    metrics, record, rich = train_and_inspect(
+        tmp_path, [reasoning_row(i) for i in range(1, 9)], overrides, capsys, rich=vocabulary == "smollm2"
     )
     assert metrics["data"]["train"]["kept"] == 8
-    trained = [s for s in spans_text(record, qwen) if s[1]]
+    trained = [s for s in spans_text(record, tokenizer) if s[1]]
     # keep_last (the default): the last answer's reasoning is trained, the first answer's is dropped.
     assert trained == [
         ("text", True, "2<|im_end|>"),
         ("reasoning", True, "<think>\nHalve 1.\n</think>\n\n"),
         ("text", True, "0.5<|im_end|>"),
     ]
-    assert "Double 1." not in qwen.decode(record["input_ids"])
-    assert qwen.convert_tokens_to_ids("<think>") in record["input_ids"]
+    assert "Double 1." not in tokenizer.decode(record["input_ids"])
+    if vocabulary == "qwen3":
+        assert tokenizer.convert_tokens_to_ids("<think>") in record["input_ids"]
+    else:
+        assert "reasoning (trained): '<think>\\nHalve 1.\\n</think>\\n\\n'" in rich
