@@ -71,6 +71,7 @@ def test_any_change_invalidates_the_cache(tokenizer, chatml, tmp_path):
         make(tokenizer, chatml, str(path), max_length=128, **base),
         make(tokenizer, chatml, str(path), truncation="drop", **base),
         make(tokenizer, chatml, str(path), train_on="last_assistant", **base),
+        make(tokenizer, chatml, str(path), reasoning="drop", **base),
         make(tokenizer, chatml, str(path), packing=True, **base),
         make(tokenizer, llama3, str(path), **base),
         make(other_tokenizer, chatml, str(path), **base),
@@ -168,6 +169,8 @@ def test_bad_settings_fail_before_any_work(tokenizer, chatml, tmp_path):
         make(tokenizer, chatml, path, on_error="ignore")
     with pytest.raises(ConfigError, match=r"packing=true needs data\.max_length"):
         make(tokenizer, chatml, path, packing=True, max_length=None)
+    with pytest.raises(ConfigError, match=r"data\.reasoning='last'.*keep_last"):
+        make(tokenizer, chatml, path, reasoning="last")
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tokenizer, chatml, tmp_path, caplog):

@@ -353,3 +353,122 @@ def test_saved_template_refuses_tools_rather_than_dropping_them(mistral):
     jinja = tpl.bind(tokenizer).to_jinja()
     with pytest.raises(TemplateError, match="does not render tools"):
         tokenizer.apply_chat_template(messages[:1], tools=tools, chat_template=jinja, tokenize=False)
+
+
+# ---- reasoning turns: Qwen3's own template, on Qwen's vocabulary ----------------------------------------
+def think(reasoning: str, answer: str) -> dict:
+    return {"role": A, "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}
+
+
+QWEN3_REASONING = {
+    "single": [{"role": U, "content": "2+2?"}, think("Two plus two is four.", "4")],
+    "system": [
+        {"role": S, "content": "Think first."},
+        {"role": U, "content": "Capital of France?"},
+        think("France's capital: Paris.", "Paris."),
+    ],
+    "multi_turn": [
+        {"role": U, "content": "2+2?"},
+        think("Add.", "4"),
+        {"role": U, "content": "3*3?"},
+        think("Multiply:\n3*3 = 9.", "9"),
+    ],
+    "empty_reasoning": [
+        {"role": U, "content": "Hi"},
+        {"role": A, "content": "<think>\n\n</think>\n\nHello!"},
+    ],
+    "unicode_code": [
+        {"role": U, "content": "東京?"},
+        think("日本の首都。\n\n```py\nx = 1\n```", "東京は日本の首都です。🙂"),
+    ],
+    "punctuation_ends": [{"role": U, "content": "Why?"}, think("Because... (see above)!", '{"ok": true}')],
+}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_REASONING))
+def test_chatml_reasoning_matches_qwen3_chat_template(qwen, name):
+    """data.reasoning=keep_last (the default) with template=chatml is Qwen3's template: the final answer keeps
+    its <think> block (trained), earlier answers lose theirs in training and in every later prompt."""
+    from sftlab.data.formats import to_messages
+    from sftlab.data.reasoning import split_reasoning
+
+    rows = QWEN3_REASONING[name]
+    conversation = to_messages({"messages": rows}, None, "test:1")
+    jinja = vendor.trl_chat_template("qwen3")
+
+    def jinja_ids(messages, generation=False):
+        return qwen.apply_chat_template(
+            messages, chat_template=jinja, add_generation_prompt=generation, return_dict=False
+        )
+
+    im_end = qwen.convert_tokens_to_ids("<|im_end|>")
+    last = max(i for i, m in enumerate(rows) if m["role"] == A)
+
+    def assistant_ids(i):
+        text = rows[i]["content"] if i == last else split_reasoning(rows[i]["content"])[1]
+        return qwen(text, add_special_tokens=False)["input_ids"] + [im_end]
+
+    check_against_vendor(
+        template("chatml"),
+        qwen,
+        conversation,
+        jinja_ids(rows),
+        lambda i: jinja_ids(rows[:i], generation=True),
+        assistant_ids,
+    )
+
+
+# ---- template=tokenizer with {% generation %} markers: Qwen3's training template as TRL ships it ---------
+def test_generation_markers_give_the_mask_and_agree_with_the_prefix_diff(qwen):
+    from sftlab.data.formats import to_messages
+    from sftlab.data.templates import TokenizerTemplate
+
+    rows = QWEN3_REASONING["multi_turn"]
+    tpl = TokenizerTemplate(chat_template=vendor.trl_chat_template("qwen3_training"))
+    conversation = to_messages({"messages": rows}, None, "test:1")
+    ex = encode_conversations([conversation], tpl, qwen, reasoning="keep_all")[0]
+    marked = qwen.apply_chat_template(
+        rows, chat_template=tpl.chat_template, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ex.input_ids == marked["input_ids"]
+    assert [int(label != -100) for label in ex.labels] == marked["assistant_masks"]
+    assert [qwen.decode(run) for run in supervised_runs(ex.input_ids, ex.labels)] == [
+        "<think>\nAdd.\n</think>\n\n4<|im_end|>\n",
+        "<think>\nMultiply:\n3*3 = 9.\n</think>\n\n9<|im_end|>\n",
+    ]
+
+
+def test_generation_markers_that_disagree_with_the_prefix_diff_name_the_conversation(qwen):
+    from sftlab.data.formats import to_messages
+    from sftlab.data.templates import TokenizerTemplate
+    from sftlab.errors import DataError
+
+    jinja = vendor.trl_chat_template("qwen3_training")
+    header = "{{- '<|im_start|>' + message.role + '\\n' }}\n        {%- generation %}"
+    assert header in jinja
+    # The marked span swallows the assistant header, which the generation prompt already holds.
+    wrong = jinja.replace(header, "{%- generation %}\n        {{- '<|im_start|>' + message.role + '\\n' }}")
+    conversation = to_messages({"messages": QWEN3_REASONING["single"]}, None, "test:1")
+    with pytest.raises(
+        DataError, match=r"conversation 0 \(first user message '2\+2\?'\).*turn 1.*generation"
+    ):
+        encode_conversations([conversation], TokenizerTemplate(chat_template=wrong), qwen)
+    # A template that marks no assistant turn at all is refused too, never trained with an empty mask.
+    empty = jinja.replace("{%- endgeneration %}", "").replace(
+        "{%- generation %}", "{% generation %}{% endgeneration %}"
+    )
+    with pytest.raises(DataError, match="markers cover 0 span"):
+        encode_conversations([conversation], TokenizerTemplate(chat_template=empty), qwen)
+
+
+def test_qwen3_template_without_markers_is_refused_for_multi_turn_reasoning(qwen):
+    """Qwen3's inference template renders the last turn with an (empty) think block and history without:
+    no prefix structure for training every turn, so it is refused rather than mis-masked."""
+    from sftlab.data.formats import to_messages
+    from sftlab.data.templates import TokenizerTemplate
+    from sftlab.errors import DataError
+
+    conversation = to_messages({"messages": QWEN3_REASONING["multi_turn"]}, None, "test:1")
+    tpl = TokenizerTemplate(chat_template=vendor.trl_chat_template("qwen3"))
+    with pytest.raises(DataError, match=r"conversation 0 .*rewrites history"):
+        encode_conversations([conversation], tpl, qwen)

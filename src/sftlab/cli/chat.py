@@ -7,8 +7,10 @@ When stdin is not a terminal, lines are read from it one message each, so a chat
 (one line each); the banner goes to stderr.
 
 Options: `base=true` chats with the run's base model (adapter disabled), `system=...` sets a system message,
-`max_new_tokens`, and `temperature` (0 = greedy, the default, as in evaluation), with `top_p` and `seed` when
-sampling. Generation is sftlab.model.generate's loop, the one evaluation and `sftlab-serve` use.
+`reasoning=strip|show` (a reasoning model's `<think>…</think>` block is hidden by default and never fed back
+as history, as in training with data.reasoning=keep_last), `max_new_tokens`, and `temperature` (0 = greedy,
+the default, as in evaluation), with `top_p` and `seed` when sampling. Generation is sftlab.model.generate's
+loop, the one evaluation and `sftlab-serve` use.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from peft import PeftModel
 
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
+from sftlab.data.reasoning import REASONING_KEY, AnswerStream, split_reasoning
 from sftlab.data.tokenize import encode_prompt
-from sftlab.errors import SFTLabError
+from sftlab.errors import ConfigError, SFTLabError
 from sftlab.model.generate import Sampling, stop_token_ids, stream_text
 
 log = logging.getLogger("sftlab.chat")
@@ -36,7 +39,8 @@ COMMANDS = {"/reset", "/exit", "/quit"}
 @dataclass
 class ChatArgs:
     """run: a train.py run directory (or an sftlab-merge output). base: chat with the base model instead.
-    system: an optional system message. temperature: 0 = greedy; top_p, seed: for temperature > 0."""
+    system: an optional system message. temperature: 0 = greedy; top_p, seed: for temperature > 0.
+    reasoning: strip (default: a reply's <think>…</think> block is not printed) or show."""
 
     run: str = "???"
     base: bool = False
@@ -45,6 +49,7 @@ class ChatArgs:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    reasoning: str = "strip"
 
 
 def read_messages(stream: TextIO) -> Iterator[str]:
@@ -59,9 +64,11 @@ def read_messages(stream: TextIO) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> str:
-    """Generate the next assistant turn, streaming its text to `out`; returns the text."""
+def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> dict:
+    """Generate the next assistant turn, streaming it to `out` (its reasoning too with reasoning=show);
+    returns the assistant message: the answer as content, the reasoning (if any) as reasoning_content."""
     parts = []
+    shown = AnswerStream() if args.reasoning == "strip" else None
     for delta, _ in stream_text(
         run.model,
         run.tokenizer,
@@ -70,10 +77,14 @@ def reply(run: LoadedRun, history: list[dict], args: ChatArgs, out: TextIO) -> s
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(args.temperature, args.top_p, args.seed),
     ):
-        print(delta, end="", file=out, flush=True)
+        print(shown.feed(delta) if shown else delta, end="", file=out, flush=True)
         parts.append(delta)
-    print(file=out, flush=True)
-    return "".join(parts)
+    print(shown.close() if shown else "", file=out, flush=True)
+    reasoning, answer = split_reasoning("".join(parts))
+    # Kept in the history; the next prompt drops it (encode_prompt), as data.reasoning=keep_last trains it.
+    return {"role": "assistant", "content": answer} | (
+        {} if reasoning is None else {REASONING_KEY: reasoning}
+    )
 
 
 def chat(run: LoadedRun, args: ChatArgs, stdin: TextIO, stdout: TextIO) -> list[dict]:
@@ -91,7 +102,7 @@ def chat(run: LoadedRun, args: ChatArgs, stdin: TextIO, stdout: TextIO) -> list[
         if not text:
             continue
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": reply(run, history, args, stdout)})
+        history.append(reply(run, history, args, stdout))
     return history
 
 
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="[%(name)s][%(levelname)s] - %(message)s")
     try:
         args = parse(ChatArgs, argv, prog="sftlab-chat")
+        if args.reasoning not in ("strip", "show"):
+            raise ConfigError(f"reasoning={args.reasoning!r}: use strip (answers only) or show.")
         run = load_run(args.run, with_adapter=True)
         if args.base and not isinstance(run.model, PeftModel):  # full fine-tuning: load the configured base
             run = load_run(args.run, with_adapter=False)

@@ -7,10 +7,14 @@ run directory is created.
 
   * `format=rich` (default): the kept / truncated / dropped / skipped counts of every split, then `n`
     (default 3) examples of `split` (default train) with the trained tokens highlighted and the untrained
-    tokens dimmed. In packed rows a `▏` marks where the next example starts.
+    tokens dimmed; reasoning, tool calls, tool results and tool schemas each in their own colour, and
+    listed below the example with their trained / not trained state. In packed rows a `▏` marks where the
+    next example starts.
   * `format=jsonl`: one JSON object per processed example of `split` on stdout (all unless `n` is given):
-    `split`, `index`, `status`, `input_ids`, `labels` (-100 where not trained) and, when packing,
-    `position_ids`. Logs and counts go to stderr, so `sftlab-inspect format=jsonl > out.jsonl` is clean.
+    `split`, `index`, `status`, `input_ids`, `labels` (-100 where not trained), `spans` (unpacked rows:
+    token ranges `[start, end)` with their `kind` — text, reasoning, tool_call, tool_result, tools — and
+    `trained` state) and, when packing, `position_ids`. Logs and counts go to stderr, so
+    `sftlab-inspect format=jsonl > out.jsonl` is clean.
 """
 
 from __future__ import annotations
@@ -25,11 +29,33 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sftlab.data.tokenize import IGNORE_INDEX, Encoded
+from sftlab.data.tokenize import IGNORE_INDEX, Encoded, token_spans
 from sftlab.errors import ConfigError, SFTLabError
 
 OWN_KEYS = ("format", "n", "split")
 TRAINED, UNTRAINED, BOUNDARY = "bold green", "dim", "bold magenta"
+# (kind, trained) -> style. Tool results and schemas are never trained by the templates; shown if they were.
+STYLES = {
+    ("text", True): TRAINED,
+    ("text", False): UNTRAINED,
+    ("reasoning", True): "bold cyan",
+    ("reasoning", False): "dim cyan",
+    ("tool_call", True): "bold yellow",
+    ("tool_call", False): "dim yellow",
+    ("tool_result", True): "bold red",
+    ("tool_result", False): "dim blue",
+    ("tools", True): "bold red",
+    ("tools", False): "dim magenta",
+}
+LEGEND = [
+    ("trained", TRAINED),
+    ("not trained", UNTRAINED),
+    ("reasoning (trained)", STYLES["reasoning", True]),
+    ("tool call (trained)", STYLES["tool_call", True]),
+    ("tool result (not trained)", STYLES["tool_result", False]),
+    ("tool schemas (not trained)", STYLES["tools", False]),
+    ("▏ next packed example", BOUNDARY),
+]
 
 
 @dataclass
@@ -59,26 +85,50 @@ def split_args(argv: Sequence[str]) -> tuple[InspectArgs, list[str]]:
     return args, overrides
 
 
-def highlight(example: Encoded, tokenizer) -> Text:
-    """The example's text, trained spans highlighted, untrained dimmed; `▏` where a packed example starts."""
-    text = Text()
+def token_kinds(datamodule, split: str, index: int, example: Encoded) -> list[str] | None:
+    """What each token of an example is (text, reasoning, tool_call, tool_result, tools), from re-rendering
+    its conversation with the run's template; None for packed rows (several conversations per row)."""
+    if example.position_ids is not None:
+        return None
+    kw = datamodule.encode_kwargs
+    spans = token_spans(
+        datamodule.splits[split].rows[index],
+        datamodule.template,
+        datamodule.tokenizer,
+        train_on=kw["train_on"],
+        reasoning=kw.get("reasoning", "keep_last"),
+    )
+    kinds = [kind for kind, _, n in spans for _ in range(n)]
+    if len(kinds) < len(example.input_ids):  # cannot happen for a kept example; never mislabel
+        return None
+    return kinds[: len(example.input_ids)]  # a truncated example keeps its head
+
+
+def runs(example: Encoded, kinds: list[str] | None) -> list[dict]:
+    """Consecutive tokens of the same kind and trained state: {"kind", "trained", "start", "end"}."""
+    out: list[dict] = []
     positions = example.position_ids or [None] * len(example.input_ids)
-    run: list[int] = []
-    run_trained = False
+    for k, (label, pos) in enumerate(zip(example.labels, positions, strict=True)):
+        kind, trained = (kinds[k] if kinds else "text"), label != IGNORE_INDEX
+        packed_start = pos == 0 and k > 0
+        if out and not packed_start and (out[-1]["kind"], out[-1]["trained"]) == (kind, trained):
+            out[-1]["end"] = k + 1
+        else:
+            out.append(
+                {"kind": kind, "trained": trained, "start": k, "end": k + 1, "packed_start": packed_start}
+            )
+    return out
 
-    def flush() -> None:
-        if run:
-            text.append(tokenizer.decode(run), style=TRAINED if run_trained else UNTRAINED)
 
-    for k, (token, label, pos) in enumerate(zip(example.input_ids, example.labels, positions, strict=True)):
-        trained = label != IGNORE_INDEX
-        if (pos == 0 and k > 0) or trained != run_trained:
-            flush()
-            run, run_trained = [], trained
-            if pos == 0 and k > 0:
-                text.append("▏", style=BOUNDARY)
-        run.append(token)
-    flush()
+def highlight(example: Encoded, tokenizer, kinds: list[str] | None = None) -> Text:
+    """The example's text: trained highlighted, untrained dimmed, reasoning, tool calls, tool results and
+    schemas in their own colours (STYLES); `▏` where a packed example starts."""
+    text = Text()
+    for run in runs(example, kinds):
+        if run["packed_start"]:
+            text.append("▏", style=BOUNDARY)
+        style = STYLES[run["kind"], run["trained"]]
+        text.append(tokenizer.decode(example.input_ids[run["start"] : run["end"]]), style=style)
     return text
 
 
@@ -109,12 +159,22 @@ def show_rich(args: InspectArgs, datamodule, tokenizer) -> None:
             f"{args.split} example {index}: {len(example.input_ids)} tokens, {n_targets} trained"
             + (" (truncated)" if example.status == "truncated" else "")
         )
-        console.print(highlight(example, tokenizer))
-    console.print(
-        Text.assemble(
-            ("trained", TRAINED), "  ", ("not trained", UNTRAINED), "  ", ("▏ next packed example", BOUNDARY)
-        )
-    )
+        console.print(highlight(example, tokenizer, token_kinds(datamodule, args.split, index, example)))
+        console.print(span_summary(example, tokenizer, token_kinds(datamodule, args.split, index, example)))
+    console.print(Text("  ").join(Text(label, style=style) for label, style in LEGEND))
+
+
+def span_summary(example: Encoded, tokenizer, kinds: list[str] | None) -> Text:
+    """One line per reasoning / tool span, so their trained state reads without colours (logs, pipes)."""
+    text = Text()
+    for run in runs(example, kinds):
+        if run["kind"] != "text":
+            piece = tokenizer.decode(example.input_ids[run["start"] : run["end"]])
+            state = "trained" if run["trained"] else "not trained"
+            text.append(
+                f"  {run['kind']} ({state}): {piece[:60]!r}\n", style=STYLES[run["kind"], run["trained"]]
+            )
+    return text
 
 
 def write_jsonl(args: InspectArgs, datamodule) -> None:
@@ -130,6 +190,11 @@ def write_jsonl(args: InspectArgs, datamodule) -> None:
         }
         if example.position_ids is not None:
             record["position_ids"] = example.position_ids
+        kinds = token_kinds(datamodule, args.split, index, example)
+        if kinds is not None:  # token ranges [start, end) by kind and trained state
+            record["spans"] = [
+                {k: r[k] for k in ("kind", "trained", "start", "end")} for r in runs(example, kinds)
+            ]
         sys.stdout.write(json.dumps(record) + "\n")
 
 

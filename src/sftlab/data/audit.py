@@ -302,10 +302,11 @@ def tokens(
     truncation: str,
     train_on: str,
     batch_size: int,
+    reasoning: str = "keep_last",
 ) -> tuple[dict[str, Any], list[int]]:
     """Token counts with the run's template and tokenizer, what `max_length` will do, and an epoch's budget.
     Prompt tokens are the untrained ones, response tokens the trained ones (as `train_on` decides)."""
-    full = encode_conversations(conversations, template, tokenizer, train_on=train_on)
+    full = encode_conversations(conversations, template, tokenizer, train_on=train_on, reasoning=reasoning)
     lengths, prompt, response = [], [], []
     forecast: Counter = Counter()
     budget_tokens = budget_targets = 0
@@ -480,6 +481,7 @@ def audit_splits(
     max_length: int | None,
     truncation: str = "truncate",
     train_on: str = "all_assistant",
+    reasoning: str = "keep_last",
     batch_size: int = 8,
 ) -> AuditResult:
     views = {name: [view(it.conversation) for it in sr.items] for name, sr in splits.items()}
@@ -503,6 +505,7 @@ def audit_splits(
             max_length=max_length,
             truncation=truncation,
             train_on=train_on,
+            reasoning=reasoning,
             batch_size=batch_size,
         )
         report["splits"][name] = {

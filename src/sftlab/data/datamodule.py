@@ -26,6 +26,7 @@ from sftlab.data import cache
 from sftlab.data.collate import Examples, collate
 from sftlab.data.formats import Conversation
 from sftlab.data.pipeline import SplitData, convert_rows, dedupe, encode_split, gc_paused, split_off
+from sftlab.data.reasoning import POLICIES as REASONING_POLICIES
 from sftlab.data.sampler import StepPlanSampler
 from sftlab.data.sources import ON_ERROR, Row, parse_sources, read_source, source_fingerprint, weigh
 from sftlab.data.tokenize import Template
@@ -41,6 +42,7 @@ class SFTDataModule(pl.LightningDataModule):
     counts bad rows by reason. `max_drop_ratio`: the run stops when a split loses more than this fraction of
     its rows to drops (truncation policy, no targets) and skips; deliberate de-duplication does not count.
     `val_fraction`: without `val_path`, a seeded random fraction of the training rows is held out.
+    `reasoning`: keep_last | keep_all | drop, which assistant turns keep their reasoning (data/reasoning.py).
     `packing`: several examples per row of `max_length` tokens (see packing.py). `cache_dir`: processed
     splits are cached there (null disables caching). `audit`: read by sftlab-train, which audits the data
     first (`sftlab-data audit`) and refuses to train when a check holds (true: contamination>0; or a list).
@@ -60,6 +62,7 @@ class SFTDataModule(pl.LightningDataModule):
         max_length: int | None = 1024,
         truncation: str = "truncate",
         train_on: str = "all_assistant",
+        reasoning: str = "keep_last",
         packing: bool = False,
         on_error: str = "raise",
         max_drop_ratio: float = 0.1,
@@ -82,7 +85,12 @@ class SFTDataModule(pl.LightningDataModule):
             fields = OmegaConf.to_container(fields, resolve=True)
         self.format, self.fields = format, dict(fields or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.encode_kwargs = {"max_length": max_length, "truncation": truncation, "train_on": train_on}
+        self.encode_kwargs = {
+            "max_length": max_length,
+            "truncation": truncation,
+            "train_on": train_on,
+            "reasoning": reasoning,
+        }
         self.packing, self.on_error, self.max_drop_ratio = packing, on_error, max_drop_ratio
         self.val_fraction, self.dedupe, self.cache_dir = val_fraction, dedupe, cache_dir
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
@@ -92,6 +100,11 @@ class SFTDataModule(pl.LightningDataModule):
         self.sampler: StepPlanSampler | None = None
 
     def _check_settings(self) -> None:
+        if self.encode_kwargs["reasoning"] not in REASONING_POLICIES:
+            raise ConfigError(
+                f"data.reasoning={self.encode_kwargs['reasoning']!r}: use keep_last (reasoning of the final "
+                "exchange only, as Qwen3-style templates render it), keep_all or drop."
+            )
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"data.on_error={self.on_error!r}: use raise (stop at a bad row) or skip.")
         if self.packing and not self.encode_kwargs["max_length"]:

@@ -3,7 +3,9 @@
 Formats (`data.format`, or detected per row from its keys when unset):
   * `messages` (OpenAI): {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
     "tools": [schemas] (optional)}. Content may be a list of text parts ([{"type": "text", "text": ...}]);
-    an assistant turn may carry `tool_calls` (content null), a tool turn its `tool_call_id`.
+    an assistant turn may carry `tool_calls` (content null), a tool turn its `tool_call_id`, an assistant
+    turn its reasoning (`reasoning_content` / `thinking`, or `<think>…</think>` in the content: see
+    reasoning.py; it becomes `reasoning_content`, the content keeps the answer).
   * `sharegpt`: {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value": str}, ...],
     "tools": (optional)}; `function_call` turns hold {"name", "arguments"} JSON (a tool call).
   * `alpaca`: {"instruction", "input" (optional), "output", "system" (optional)}
@@ -23,6 +25,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 
+from sftlab.data.reasoning import FIELDS as REASONING_FIELDS
+from sftlab.data.reasoning import REASONING_KEY, split_reasoning
 from sftlab.data.tools import TOOLS_ROLE
 from sftlab.errors import DataError
 
@@ -152,6 +156,23 @@ def check_tools(tools: object, where: str) -> list[dict] | None:
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
+def check_reasoning(m: dict, content: object, j: int, where: str) -> tuple[str, object] | None:
+    """(reasoning, answer) of an assistant message, from a reasoning field or `<think>` in its content."""
+    given = [key for key in REASONING_FIELDS if m.get(key) is not None]
+    inline = split_reasoning(content) if isinstance(content, str) else (None, content)
+    if not given:
+        return None if inline[0] is None else inline
+    if len(given) > 1 or inline[0] is not None:
+        found = given + (["<think> in 'content'"] if inline[0] is not None else [])
+        raise BadRow(
+            where,
+            "wrong_type",
+            f"message {j} (assistant) has its reasoning twice ({', '.join(found)}). Keep one of them.",
+        )
+    reasoning = check_text(m[given[0]], f"message {j} (assistant) {given[0]!r}", where, allow_empty=True)
+    return reasoning.strip("\n"), content
+
+
 def check_message(m: object, j: int, where: str) -> dict:
     if not isinstance(m, dict):
         raise BadRow(where, "wrong_type", f"message {j} must be an object, got {type(m).__name__}.")
@@ -169,11 +190,17 @@ def check_message(m: object, j: int, where: str) -> dict:
     what = f"message {j} ({role}) 'content'"
     content = text_of(m.get("content"), what, where)
     out: dict = {"role": role}
+    reasoning = check_reasoning(m, content, j, where) if role == "assistant" else None
+    if reasoning is not None:
+        out[REASONING_KEY], content = reasoning
+        content = "" if content is None else content
     if role == "assistant" and m.get("tool_calls"):
         out["content"] = check_text(content or "", what, where, allow_empty=True)
         out["tool_calls"] = check_tool_calls(m["tool_calls"], j, where)
     else:
-        out["content"] = check_text(content, what, where)
+        # An answer may be empty after its reasoning (the model thought, then answered with a tool call
+        # in the next turn, or nothing); an assistant turn with neither is still an error.
+        out["content"] = check_text(content, what, where, allow_empty=reasoning is not None)
     if role == "tool":
         for key in ("tool_call_id", "name"):
             if m.get(key) is not None:

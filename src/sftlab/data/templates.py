@@ -12,21 +12,32 @@ One template = one config file under conf/template/ naming this class as `_targe
 response with EOS, whatever the model calls it); `bind(tokenizer)` fills them in; tokenize.py calls it.
 
 `TokenizerTemplate` (`template=tokenizer`) uses the tokenizer's own Jinja chat template instead: it renders
-prefixes of the conversation and diffs the strings to find each assistant span, so no token ids are searched.
+prefixes of the conversation and diffs the strings to find each assistant span, so no token ids are searched;
+where the Jinja marks the spans itself (`{% generation %}`), the two must agree.
+
+Reasoning (`reasoning_content`, see reasoning.py) is written as a trained `<think>` block before the answer;
+which turns keep it is decided before rendering (`data.reasoning`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftlab.data.reasoning import REASONING_KEY, THINK_CLOSE
 from sftlab.data.tools import no_tool_format, split_tools, tool_format, uses_tools
 from sftlab.errors import ConfigError, DataError
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects the markers
 PLACEHOLDERS = ("bos_token", "eos_token")
+
+
+# What a segment holds, for display (sftlab-inspect): labels depend only on `Segment.train`.
+KINDS = ("text", "reasoning", "tool_call", "tool_result", "tools")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Segment:
     # Message text (not template markup): tokenized with special-token parsing off, so a chat marker typed
     # in the content ("[INST]", "<|eot_id|>") stays plain text, as the vendors' encoders keep it.
     literal: bool = False
+    kind: str = "text"
 
 
 @dataclass
@@ -67,6 +79,10 @@ class ChatTemplate:
     # How the model writes tool schemas, calls and results (sftlab.data.tools.FORMATS), or None: then a
     # conversation with tools or tool calls is refused (a plain `tool` turn still renders as a role).
     tool_format: str | None = None
+    # How a kept reasoning is written before the answer (trained with it): Qwen3's and DeepSeek-R1's
+    # `<think>\n{reasoning}\n</think>\n\n{answer}`. Which turns keep it: `data.reasoning` (reasoning.py).
+    think_open: str = "<think>\n"
+    think_close: str = "\n</think>\n\n"
     # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
     special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -112,6 +128,20 @@ class ChatTemplate:
                 first_user["content"] = f"{system}\n\n{first_user['content']}"
         return msgs
 
+    def _reasoning(self, lead: str, reasoning: str, trained: bool) -> list[Segment]:
+        """`{think_open}{reasoning}{think_close}`, cut where the vendor's whole-string tokenization cuts:
+        the whitespace before `</think>` goes with the reasoning (byte-level BPE merges "." and "\n" into
+        one token), and an empty block is one piece of markup ("<think>\n\n</think>": "\n\n" is one token)."""
+        if not reasoning:
+            return [Segment(lead + self.think_open + self.think_close, trained, kind="reasoning")]
+        close = self.think_close.lstrip()
+        space = self.think_close[: len(self.think_close) - len(close)]
+        return [
+            Segment(lead + self.think_open, trained, kind="reasoning"),
+            Segment(reasoning + space, trained, literal=True, kind="reasoning"),
+            Segment(close, trained, kind="reasoning"),
+        ]
+
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
         tools, msgs = split_tools(messages)
         msgs = self._with_system(msgs)
@@ -133,26 +163,30 @@ class ChatTemplate:
             )
             if tools and i == first_user:  # schemas go with the first user turn, as system messages do
                 segments += [
-                    Segment(fmt.tools_open, every),
-                    Segment(fmt.schemas(tools), every, literal=True),
-                    Segment(fmt.tools_close, every),
+                    Segment(fmt.tools_open, every, kind="tools"),
+                    Segment(fmt.schemas(tools), every, literal=True, kind="tools"),
+                    Segment(fmt.tools_close, every, kind="tools"),
                 ]
-            segments.append(Segment(self._prefix(role), every))
+            markup = "tool_result" if role == "tool" else "text"
+            segments.append(Segment(self._prefix(role), every, kind=markup))
+            lead = self._fill(self.leads.get(role, ""))
+            if role == "assistant" and REASONING_KEY in m:
+                # The lead (Mistral's space) goes before the block, the answer follows the block directly.
+                segments += self._reasoning(lead, m[REASONING_KEY], trained)
+                lead = ""
             if role == "assistant" and m.get("tool_calls"):
                 if m["content"]:
                     raise DataError(
                         f"template={self.name}: an assistant turn has both content and tool_calls; this "
                         "model writes one or the other. Split it into two assistant turns."
                     )
-                segments.append(Segment(fmt.calls_open, trained))
-                segments.append(Segment(fmt.calls(m["tool_calls"]), trained, literal=True))
+                segments.append(Segment(fmt.calls_open, trained, kind="tool_call"))
+                segments.append(Segment(fmt.calls(m["tool_calls"]), trained, literal=True, kind="tool_call"))
             else:
                 content = fmt.result(m) if fmt and role == "tool" else m["content"]
                 content = content.rstrip(self.rstrip[role]) if role in self.rstrip else content
-                segments.append(
-                    Segment(self._fill(self.leads.get(role, "")) + content, trained, literal=True)
-                )
-            segments.append(Segment(self._suffix(role), trained))
+                segments.append(Segment(lead + content, trained, literal=True, kind=markup))
+            segments.append(Segment(self._suffix(role), trained, kind=markup))
             if self.separator:
                 segments.append(Segment(self._fill(self.separator), every))
         return [s for s in segments if s.text]
@@ -194,6 +228,10 @@ class ChatTemplate:
             + ("{{- bos_token -}}" if self.uses_bos() else "")
             + "{%- for m in msgs -%}{%- set content = m['content'] -%}"
             "{%- if m['role'] in R -%}{%- set content = content.rstrip(R[m['role']]) -%}{%- endif -%}"
+            # History as data.reasoning=keep_last trains it: a client that sends an earlier answer with its
+            # reasoning inline gets it dropped, as Qwen3's and DeepSeek-R1's templates drop it.
+            "{%- if m['role'] == 'assistant' and " + j(THINK_CLOSE) + " in content -%}"
+            "{%- set content = content.split(" + j(THINK_CLOSE) + ")[-1].lstrip('\\n') -%}{%- endif -%}"
             "{%- if ns.system is not none and m['role'] == 'user' and not ns.merged -%}"
             "{%- set content = ns.system + '\n\n' + content -%}{%- set ns.merged = true -%}{%- endif -%}"
             "{{- P.get(m['role'], P.get('default', '')).replace('{role}', m['role']) + L.get(m['role'], '')"
@@ -213,7 +251,9 @@ class TokenizerTemplate:
     special token (the end-of-turn marker, e.g. `<|im_end|>`, `<|eot_id|>`) after the response content; text
     after it (a newline) is untrained, as with the named templates. Templates that rewrite earlier turns
     (so a shorter conversation is not a prefix of a longer one) are refused with a message, never guessed at.
-    The Jinja template usually writes BOS itself, so `bos` stays false.
+    A Jinja with `{% generation %}` markers gives the mask itself (`return_assistant_tokens_mask`); it is
+    used after a check against the prefix diff (`_check_markers`). Kept reasoning reaches the Jinja as
+    `reasoning_content` and must appear in its text. The Jinja usually writes BOS itself: `bos` stays false.
     """
 
     name: str = "tokenizer"
@@ -249,8 +289,10 @@ class TokenizerTemplate:
             chat_template=self.chat_template,
         )
 
-    def _response_end(self, upto: str, start: int, content: str) -> int:
+    def _response_end(self, upto: str, start: int, content: str, reasoning: str | None = None) -> int:
         """End of the trained span: the response content plus the end-of-turn token that follows it."""
+        if reasoning:  # the answer comes after the reasoning, which may hold any text
+            start = upto.index(reasoning, start) + len(reasoning)
         span = upto[start:]
         k = span.find(content)
         if k < 0 and content.strip():  # e.g. Llama 3 templates `| trim` the content
@@ -284,16 +326,91 @@ class TokenizerTemplate:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
+            reasoning = m.get(REASONING_KEY)
+            if reasoning and reasoning not in full:
+                raise DataError(
+                    f"template=tokenizer: this chat template does not render assistant turn {i}'s reasoning "
+                    f"({REASONING_KEY}), so it would be dropped silently. Use data.reasoning=drop, a "
+                    "template that renders reasoning (e.g. Qwen3's), or a named template."
+                )
             prompt = self._apply(msgs[:i], True, tools)
             upto = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], False, tools)
             if not (upto.startswith(prompt) and full.startswith(upto)):
                 raise DataError(
                     f"template=tokenizer: rendering assistant turn {i} does not extend the earlier turns "
                     "(it rewrites history, e.g. drops reasoning), so the training prompt would differ "
-                    "from the inference prompt. Use a named template."
+                    "from the inference prompt. Use a named template, or a training variant of this Jinja "
+                    "that keeps history as is (template.chat_template=...)."
                 )
-            spans.append((i, len(prompt), self._response_end(upto, len(prompt), m["content"])))
+            end = self._response_end(upto, len(prompt), m["content"], reasoning)
+            if end <= len(prompt):
+                raise DataError(
+                    f"template=tokenizer: assistant turn {i} has no text of its own after the generation "
+                    "prompt, so nothing could be trained. Use a named template."
+                )
+            spans.append((i, len(prompt), end))
+        if self.has_generation_markers():
+            spans = self._check_markers(msgs, tools, full, spans)
         return full, spans
+
+    def has_generation_markers(self) -> bool:
+        return bool(GENERATION_TAG.search(self.to_jinja()))
+
+    def _marked(self, msgs: Sequence[dict], tools: list[dict] | None, full: str) -> list[tuple[int, int]]:
+        """Character spans of the tokens `apply_chat_template(return_assistant_tokens_mask=True)` marks."""
+        out = self.tokenizer.apply_chat_template(
+            list(msgs),
+            tools=tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            chat_template=self.chat_template,
+        )
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) != list(out["input_ids"]):
+            raise DataError("template=tokenizer: the marked rendering differs from the plain rendering.")
+        runs: list[list[int]] = []
+        previous = False
+        for marked, (a, b) in zip(out["assistant_masks"], enc["offset_mapping"], strict=True):
+            if marked and previous:
+                runs[-1][1] = b
+            elif marked:
+                runs.append([a, b])
+            previous = bool(marked)
+        return [(a, b) for a, b in runs]
+
+    def _check_markers(
+        self, msgs: Sequence[dict], tools: list[dict] | None, full: str, spans: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """The template's own `{% generation %}` spans, after checking them against the prefix-diff spans.
+
+        They must start where the generation prompt ends (else training and inference prompts differ) and
+        end where the prefix-diff span ends, up to whitespace (Qwen3's training template marks the newline
+        after `<|im_end|>` too). Any other difference is an error: one of the two methods is wrong for this
+        template, and guessing which would train the wrong tokens."""
+        marked = self._marked(msgs, tools, full)
+
+        def show(a: int, b: int) -> str:
+            return repr(full[a:b] if b - a < 80 else full[a : a + 38] + "…" + full[b - 38 : b])
+
+        if len(marked) != len(spans):
+            raise DataError(
+                f"template=tokenizer: the chat template's {{% generation %}} markers cover {len(marked)} "
+                f"span(s) but the conversation has {len(spans)} assistant turn(s) "
+                f"(marked: {', '.join(show(a, b) for a, b in marked) or 'nothing'}). Fix the markers or "
+                "set template.chat_template to a template without them."
+            )
+        out = []
+        for (i, start, end), (a, b) in zip(spans, marked, strict=True):
+            if a != start or full[min(b, end) : max(b, end)].strip():
+                raise DataError(
+                    f"template=tokenizer: for assistant turn {i} the chat template's {{% generation %}} mask "
+                    f"trains {show(a, b)}, but the generation prompt and end-of-turn token give "
+                    f"{show(start, end)}. Fix the markers or set template.chat_template to a template "
+                    "without them."
+                )
+            out.append((i, a, b))
+        return out
 
     @staticmethod
     def _cut(text: str, spans: list[tuple[int, int, int]], train_on: str) -> list[Segment]:
@@ -305,6 +422,20 @@ class TokenizerTemplate:
             pos = end
         segments.append(Segment(text[pos:], train_on == "all"))
         return [s for s in segments if s.text]
+
+    def _reasoning(self, lead: str, reasoning: str, trained: bool) -> list[Segment]:
+        """`{think_open}{reasoning}{think_close}`, cut where the vendor's whole-string tokenization cuts:
+        the whitespace before `</think>` goes with the reasoning (byte-level BPE merges "." and "\n" into
+        one token), and an empty block is one piece of markup ("<think>\n\n</think>": "\n\n" is one token)."""
+        if not reasoning:
+            return [Segment(lead + self.think_open + self.think_close, trained, kind="reasoning")]
+        close = self.think_close.lstrip()
+        space = self.think_close[: len(self.think_close) - len(close)]
+        return [
+            Segment(lead + self.think_open, trained, kind="reasoning"),
+            Segment(reasoning + space, trained, literal=True, kind="reasoning"),
+            Segment(close, trained, kind="reasoning"),
+        ]
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
         tools, msgs = split_tools(messages)

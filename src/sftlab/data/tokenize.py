@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import Conversation
+from sftlab.data.reasoning import apply_reasoning, inline_to_field
 from sftlab.data.templates import ChatTemplate, Segment, TokenizerTemplate
+from sftlab.errors import DataError
 
 Template = ChatTemplate | TokenizerTemplate
 
@@ -175,12 +177,22 @@ def document_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def render(
-    conversation: Conversation, template: Template, tokenizer: PreTrainedTokenizerBase, train_on: str
+    conversation: Conversation,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    train_on: str,
+    reasoning: str = "keep_last",
 ) -> list[Segment]:
     """Template segments of a conversation, or a trained document + EOS for plain text."""
     if isinstance(conversation, str):
         return [Segment(conversation, True), Segment(tokenizer.eos_token, True)]
-    return template.render(conversation, train_on=train_on)
+    return template.render(apply_reasoning(conversation, reasoning), train_on=train_on)
+
+
+def _named(index: int, conversation: Conversation, err: DataError) -> DataError:
+    """The error of one conversation, saying which one (rows carry no file:line past conversion)."""
+    first = next((m["content"] for m in conversation if m["role"] == "user"), "") if conversation else ""
+    return DataError(f"conversation {index} (first user message {first[:60]!r}): {err}")
 
 
 def encode_conversations(
@@ -191,10 +203,16 @@ def encode_conversations(
     max_length: int | None = None,
     truncation: str = "truncate",
     train_on: str = "all_assistant",
+    reasoning: str = "keep_last",
 ) -> list[Encoded]:
     """Render, tokenize (one batched tokenizer call) and mask a list of conversations."""
     template.bind(tokenizer)
-    rendered = [render(conv, template, tokenizer, train_on) for conv in conversations]
+    rendered = []
+    for k, conv in enumerate(conversations):
+        try:
+            rendered.append(render(conv, template, tokenizer, train_on, reasoning))
+        except DataError as err:
+            raise _named(k, conv, err) from None
     vocab = Vocab.build(rendered, tokenizer)
     bos_id = bos_id_for(template, tokenizer)
     doc_bos_id = document_bos_id(tokenizer) if any(isinstance(c, str) for c in conversations) else None
@@ -206,10 +224,38 @@ def encode_conversations(
 
 
 def encode_prompt(
-    messages: Sequence[dict], template: Template, tokenizer: PreTrainedTokenizerBase
+    messages: Sequence[dict],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    reasoning: str = "keep_last",
 ) -> list[int]:
-    """Token ids inference feeds the model for the next assistant turn (same tokenization as training)."""
+    """Token ids inference feeds the model for the next assistant turn (same tokenization as training;
+    `reasoning` as data.reasoning: by default earlier turns' reasoning is dropped, as in training, also when
+    a client sends it inline as `<think>…</think>`)."""
     template.bind(tokenizer)
-    segs = template.generation_prompt(messages)
+    segs = template.generation_prompt(apply_reasoning(inline_to_field(messages), reasoning))
     ids, _ = segments_to_ids(segs, Vocab.build([segs], tokenizer), bos_id_for(template, tokenizer))
     return ids
+
+
+def token_spans(
+    conversation: Conversation,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_on: str = "all_assistant",
+    reasoning: str = "keep_last",
+) -> list[tuple[str, bool, int]]:
+    """(kind, trained, number of tokens) of each segment of a conversation, in order: what sftlab-inspect
+    shows as reasoning, tool calls, tool results and schemas. The token counts sum to the length of the
+    conversation's `encode_conversations` ids (before truncation), BOS counted as untrained text."""
+    template.bind(tokenizer)
+    segs = render(conversation, template, tokenizer, train_on, reasoning)
+    vocab = Vocab.build([segs], tokenizer)
+    doc = isinstance(conversation, str)
+    bos_id = document_bos_id(tokenizer) if doc else bos_id_for(template, tokenizer)
+    bos = [("text", False, 1)] if bos_id is not None else []
+    return bos + [
+        (seg.kind, seg.train, len((vocab.first if k == 0 else vocab.rest)[seg.text, seg.literal]))
+        for k, seg in enumerate(segs)
+    ]

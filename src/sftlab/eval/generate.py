@@ -15,21 +15,42 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import split_prompt
+from sftlab.data.reasoning import split_reasoning
 from sftlab.data.templates import ChatTemplate
 from sftlab.eval import metrics
 from sftlab.eval.base import GENERATE, EvalContext
 from sftlab.model.generate import generate
+
+REASONING_OUTPUT = ("strip", "show")
 
 
 def normalize(text: str) -> str:
     return " ".join(text.strip().split()).lower()
 
 
+def make_record(index: int, history: list[dict], reference: str, out: dict, reasoning: str = "strip") -> dict:
+    """One generation record; `out` is one result of `model.generate.generate` (text, stopped, new_tokens)."""
+    thought, answer = split_reasoning(out["text"])
+    return {
+        "index": index,
+        "prompt": history[-1]["content"],
+        "history": history,
+        "reference": reference,
+        "output": answer if reasoning == "strip" else out["text"],
+        "answer": answer,
+        "reasoning": thought,
+        "stopped": out["stopped"],
+        "new_tokens": out["new_tokens"],
+        "exact_match": normalize(answer) == normalize(reference),
+    }
+
+
 @dataclass
 class GenerationEval:
     """`eval=generate`: greedy generations on a split, scored against the references.
 
-    Metrics: exact match (after whitespace/case normalization), ROUGE-L F1, BLEU and chrF (torchmetrics; the
+    Metrics: exact match of the final answer (after whitespace/case normalization; a `<think>` block is not
+    part of the answer), ROUGE-L F1, BLEU and chrF (torchmetrics; the
     ROUGE variant needs no nltk), the no-stop rate (hit `max_new_tokens`) and mean generated tokens.
     Its settings (split, max_examples, max_new_tokens, batch_size) also drive the generations that `judge`
     and `error_analysis` read, so every evaluator looks at the same outputs.
@@ -42,6 +63,19 @@ class GenerationEval:
     compare_base: bool = True
     stage: ClassVar[int] = GENERATE
     text_metrics: tuple[str, ...] = ("rougeL", "bleu", "chrf")
+    # A reasoning model's output is `<think>…</think>answer`. Exact match and the text metrics always score
+    # the final answer (the reference is the answer: readers move reasoning out of `content`). `strip`: the
+    # record's `output` (what judge, error analysis and reports read) is the answer; `show`: the whole text.
+    # The reasoning is kept in the record's `reasoning` either way.
+    reasoning: str = "strip"
+
+    def __post_init__(self) -> None:
+        if self.reasoning not in REASONING_OUTPUT:
+            from sftlab.errors import ConfigError
+
+            raise ConfigError(
+                f"eval.generate.reasoning={self.reasoning!r}: use strip (outputs are final answers) or show."
+            )
 
     def generate_records(
         self,
@@ -50,7 +84,8 @@ class GenerationEval:
         template: ChatTemplate,
         conversations: Sequence[Sequence[dict]],
     ) -> list[dict]:
-        """One record per example: prompt, reference, output, stopped, new_tokens, exact_match."""
+        """One record per example (make_record): prompt, reference, output, answer, reasoning, stopped,
+        new_tokens, exact_match."""
         convs = list(conversations)[: self.max_examples]
         histories, references = zip(*(split_prompt(c) for c in convs), strict=True)
         outs = generate(
@@ -62,22 +97,15 @@ class GenerationEval:
             batch_size=self.batch_size,
         )
         return [
-            {
-                "index": i,
-                "prompt": h[-1]["content"],
-                "history": h,
-                "reference": r,
-                "output": o["text"],
-                "stopped": o["stopped"],
-                "new_tokens": o["new_tokens"],
-                "exact_match": normalize(o["text"]) == normalize(r),
-            }
+            make_record(i, h, r, o, self.reasoning)
             for i, (h, r, o) in enumerate(zip(histories, references, outs, strict=True))
         ]
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         records = ctx.records()
-        preds, refs = [r["output"] for r in records], [r["reference"] for r in records]
+        # Records written before reasoning was split out have no "answer": their output is the answer.
+        preds = [r.get("answer", r["output"]) for r in records]
+        refs = [r["reference"] for r in records]
         per_example = metrics.per_example_text_metrics(preds, refs, self.text_metrics)
         for rec, scores in zip(records, per_example, strict=True):
             rec.update(scores)
