@@ -159,6 +159,7 @@ def module(cfg: DictConfig, model: torch.nn.Module) -> SFTModule:
         scheduler=instantiate(cfg.scheduler),
         gradient_checkpointing=cfg.gradient_checkpointing,
         compile=cfg.compile,
+        loss_chunk_size=cfg.get("loss_chunk_size"),
     )
 
 

@@ -68,6 +68,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler.warmup": (lambda v: isinstance(v, int | float) and v >= 0, "a number >= 0 (< 1: a fraction)"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "loss_chunk_size": (lambda v: v is None or _ge1(v), "an integer >= 1 (or null for one chunk)"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
