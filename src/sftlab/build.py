@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftlab import paths
-from sftlab.config import Origin, validate
+from sftlab.config import Origin, check_devices, validate
 from sftlab.data.datamodule import SFTDataModule
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
@@ -89,6 +89,7 @@ def preflight(cfg: DictConfig, run_dir: Path, origin: Origin | None = None) -> s
     """What can fail in seconds fails here, before a model or dataset loads. Returns the model source.
     `origin`: where `cfg` was composed from (default: the running Hydra app's record, see `validate`)."""
     validate(cfg, origin)
+    check_devices(cfg, origin)
     write.check_writable(run_dir)
     source = model_source(cfg.model)
     check_available(source, cfg.model)

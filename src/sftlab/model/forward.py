@@ -48,16 +48,29 @@ def token_loss_sum(
     # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
     # attention never lets a real token see it; it only needs its label -100. See data/packing.py.
     packed = "position_ids" in batch
+    input_ids, position_ids = batch["input_ids"], batch.get("position_ids")
+    # transformers runs flash-attention's varlen kernel on position ids only for a batch of one row; with
+    # more, every packed row would attend across its examples. One row of all rows end to end keeps them
+    # apart (each row's position ids start at 0: a new sequence) and costs nothing, flash builds no mask.
+    flatten = packed and input_ids.shape[0] > 1 and _attention(lm).startswith("flash")
+    if flatten:
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
     hidden = (decoder or lm.get_decoder())(
-        input_ids=batch["input_ids"],
+        input_ids=input_ids,
         attention_mask=None if packed else batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
+        position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
+    if flatten:
+        hidden = hidden.reshape(*batch["input_ids"].shape, -1)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     loss_sum = chunked_head_loss(lm, hidden[:, :-1][mask], targets[mask], chunk_size)
     return loss_sum, mask.sum()
+
+
+def _attention(lm: torch.nn.Module) -> str:
+    return str(getattr(lm.config, "_attn_implementation", None) or "")
 
 
 def head_loss_sum(lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
