@@ -211,7 +211,7 @@ INCOMPATIBLE = [
     (
         ["trainer=deepspeed", "trainer.accelerator=cpu"],
         "trainer.strategy (",
-        "=deepspeed_stage_2 with trainer.accelerator=cpu: DeepSpeed needs",
+        "=deepspeedstrategy with trainer.accelerator=cpu: DeepSpeed needs",
     ),
     (
         ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
@@ -224,7 +224,7 @@ INCOMPATIBLE = [
         "=flash_attention_2 with trainer.accelerator=cpu: flash-attention kernels need a CUDA GPU",
     ),
     (
-        ["adapter=qlora", "trainer=deepspeed", "trainer.strategy=deepspeed_stage_3"],
+        ["adapter=qlora", "trainer=deepspeed", "trainer.strategy.stage=3"],
         "adapter (",
         "ZeRO stage 3",
     ),

@@ -182,7 +182,7 @@ class SFTModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- adapter-sized checkpoints --------------------------------------------------------------------
-    def _trainable_names(self) -> set[str]:
+    def trainable_names(self) -> set[str]:
         # FSDP (use_orig_params) and activation checkpointing insert wrapper names into parameter names,
         # but not into the full state dict Lightning gathers.
         return {
@@ -192,12 +192,12 @@ class SFTModule(pl.LightningModule):
         }
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = self._trainable_names()
+        names = self.trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Filter the state dict the strategy already gathered (DDP, FSDP full) instead of building another.
-        names = self._trainable_names()
+        names = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in names}
         checkpoint["rng_states"] = self._all_rank_rng_states()
 
