@@ -141,7 +141,7 @@ def throughput_plan(dry_run: bool, workdir: Path, bnb: bool) -> list[tuple[str, 
     from sftlab.bench import data as gen
     from sftlab.bench.run import GPU_OVERRIDES
 
-    rows = gen.varied_conversations(64 if dry_run else 96, seed=0, max_words=40 if dry_run else 900)
+    rows = gen.varied_conversations(32 if dry_run else 96, seed=0, max_words=30 if dry_run else 900)
     data = gen.write_jsonl(rows, workdir / "varied.jsonl")
     over = [f"data.train_path={data}", "data.val_path=null", "data.test_path=null", "logger=csv"]
     over += tokenizer_override()
@@ -282,7 +282,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  gpu tests: {[(c['test'], c['outcome']) for c in tests['cases']]}")
     bnb = "bitsandbytes" not in env["optional_missing"]
     with tempfile.TemporaryDirectory(prefix="sftlab-gpu-check-") as tmp:
-        os.environ.setdefault("WANDB_MODE", "disabled")
         rows = run_throughput(args.dry_run, Path(tmp), warmup, steps, started + args.budget_s, bnb)
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
