@@ -68,3 +68,12 @@ def test_the_rank_zero_rebuild_of_a_sharded_run_computes_what_training_did(tmp_p
         untrained, _ = token_loss_sum(build.adapted_model(parts)[0].eval(), batch)
     torch.testing.assert_close(got, expected)
     assert (untrained - expected).abs() > 1e-3
+
+
+def test_device_for_commands_outside_training(monkeypatch):
+    """sftlab-eval: `auto` is this process's GPU (LOCAL_RANK under a launcher) when there is one."""
+    assert build.device_for("cpu") == torch.device("cpu")
+    assert build.device_for("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert build.device_for("auto") == build.device_for(None) == expected

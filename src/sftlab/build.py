@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,16 @@ def eval_device(cfg: DictConfig, trainer: pl.Trainer) -> torch.device:
     evaluation of a GPU run would run on the CPU."""
     choice = str(cfg.get("eval_device") or "auto")
     return trainer.strategy.root_device if choice == "auto" else torch.device(choice)
+
+
+def device_for(choice: str | None) -> torch.device:
+    """A device setting outside training (`sftlab-eval`): `auto` is this process's CUDA device when there is
+    one (LOCAL_RANK under a launcher), else the CPU."""
+    if choice and str(choice) != "auto":
+        return torch.device(str(choice))
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def on_eval_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
