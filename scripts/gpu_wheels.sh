@@ -9,9 +9,11 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-wheels/gpu}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 mkdir -p "$OUT"
+# The versions this checkout is tested with (those of its venv).
+version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
   --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d "$OUT" \
-  "hydra-core==1.3.2" "omegaconf==2.3.0" "bitsandbytes==0.50.2"
+  "hydra-core==$(version hydra-core)" "omegaconf==$(version omegaconf)" "bitsandbytes==$(version bitsandbytes)"
 # antlr4-python3-runtime 4.9.3 (the version omegaconf 2.3 pins) is published as a source archive only.
 "$PY" -m pip wheel -q --no-deps -w "$OUT" "antlr4-python3-runtime==4.9.3"
 "$PY" - "$OUT/smollm2-tokenizer" <<'PYEOF'
