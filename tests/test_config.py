@@ -251,12 +251,14 @@ def test_incompatible_device_choices_are_rejected_naming_the_keys(overrides, key
 
 def test_compatible_device_choices_pass_validation_on_any_machine():
     for overrides in (
-        ["trainer=fsdp"],
-        ["trainer=deepspeed"],
-        ["trainer=gpu", "trainer.precision=16-mixed", "model.attn_implementation=flash_attention_2"],
         ["adapter=qlora", "trainer=fsdp", "adapter.quant_storage=bfloat16"],
         ["adapter=qlora", "trainer=deepspeed"],
-        ["data.packing=true", "trainer=gpu", "model.attn_implementation=flash_attention_2"],
+        [
+            "data.packing=true",
+            "trainer=gpu",
+            "trainer.precision=16-mixed",
+            "model.attn_implementation=flash_attention_2",
+        ],
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
     ):
         check(overrides)
