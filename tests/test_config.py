@@ -206,12 +206,12 @@ INCOMPATIBLE = [
     (
         ["trainer=fsdp", "trainer.accelerator=cpu"],
         "trainer.strategy (",
-        "=fsdpstrategy with trainer.accelerator=cpu: FSDP needs CUDA GPUs",
+        "=pytorch_lightning.strategies.FSDPStrategy with trainer.accelerator=cpu: FSDP needs CUDA GPUs",
     ),
     (
         ["trainer=deepspeed", "trainer.accelerator=cpu"],
         "trainer.strategy (",
-        "=deepspeedstrategy with trainer.accelerator=cpu: DeepSpeed needs",
+        "=pytorch_lightning.strategies.DeepSpeedStrategy with trainer.accelerator=cpu: DeepSpeed",
     ),
     (
         ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],

@@ -383,6 +383,12 @@ def _strategy(cfg: DictConfig) -> str:
     return str(node or "").lower()
 
 
+def _strategy_label(cfg: DictConfig) -> str:
+    """The strategy as the config gives it, for messages."""
+    node = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    return str(node.get("_target_", "")) if isinstance(node, DictConfig) else str(node)
+
+
 def _deepspeed_stage(cfg: DictConfig, strategy: str) -> int | None:
     if "deepspeed" not in strategy:
         return None
@@ -399,7 +405,7 @@ def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None
     can do."""
     problems: list[str] = []
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
-    strategy = _strategy(cfg)
+    strategy, label = _strategy(cfg), _strategy_label(cfg)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="auto"))
     attention = str(OmegaConf.select(cfg, "model.attn_implementation", default=None) or "sdpa")
     adapter = str(OmegaConf.select(cfg, "adapter._target_", default="")).rsplit(".", 1)[-1]
@@ -417,7 +423,7 @@ def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None
         if "fsdp" in strategy or "deepspeed" in strategy:
             name = "FSDP" if "fsdp" in strategy else "DeepSpeed"
             problems.append(
-                f"{at('trainer.strategy')}={strategy} with {why}: {name} needs CUDA GPUs. On CPUs use "
+                f"{at('trainer.strategy')}={label} with {why}: {name} needs CUDA GPUs. On CPUs use "
                 "trainer=ddp trainer.accelerator=cpu (gloo), or run on a GPU machine."
             )
         if precision in ("16-mixed", "16"):
@@ -439,7 +445,7 @@ def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None
     stage = _deepspeed_stage(cfg, strategy)
     if quantized and stage == 3:
         problems.append(
-            f"{at('adapter')}={adapter} with {at('trainer.strategy')}={strategy}: ZeRO stage 3 partitions "
+            f"{at('adapter')}={adapter} with {at('trainer.strategy')}={label}: ZeRO stage 3 partitions "
             "parameters, and a base model bitsandbytes quantized before the strategy sees it cannot be "
             "partitioned. Use trainer=deepspeed (stage 2), or trainer=fsdp with adapter=qlora "
             "adapter.quant_storage=bfloat16."
@@ -449,12 +455,12 @@ def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None
         compute = OmegaConf.select(cfg, "adapter.compute_dtype", default=None)
         if adapter == "LoRA8bit":
             problems.append(
-                f"{at('adapter')}=LoRA8bit with {at('trainer.strategy')}={strategy}: FSDP cannot shard 8-bit "
+                f"{at('adapter')}=LoRA8bit with {at('trainer.strategy')}={label}: FSDP cannot shard 8-bit "
                 "bitsandbytes weights. Use adapter=qlora adapter.quant_storage=bfloat16, or trainer=ddp."
             )
         elif storage != compute:
             problems.append(
-                f"{at('adapter.quant_storage')}={storage} with {at('trainer.strategy')}={strategy}: FSDP "
+                f"{at('adapter.quant_storage')}={storage} with {at('trainer.strategy')}={label}: FSDP "
                 "flattens each unit's weights into one tensor of one dtype, so the 4-bit weights must be "
                 f"stored in the compute dtype: set adapter.quant_storage={compute}."
             )
