@@ -139,7 +139,7 @@ def test_packed_rows_give_each_example_its_unpacked_loss_on_the_gpu(attention, t
     rows = pack(encoded, max_length=128)
     assert len(rows) > 1
     packed = {k: v.cuda() for k, v in batch_of(rows, tokenizer.pad_token_id).items()}
-    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    tol = 1e-2 if dtype == "bfloat16" else 1e-4  # bf16: rounding differs with the batch shape
     for k, ex in enumerate(encoded):
         alone = {k2: v.cuda() for k2, v in batch_of([ex], tokenizer.pad_token_id).items()}
         labels = torch.full_like(packed["labels"], IGNORE_INDEX)
@@ -151,7 +151,7 @@ def test_packed_rows_give_each_example_its_unpacked_loss_on_the_gpu(attention, t
             alone_sum, alone_n = token_loss_sum(model, alone)
             packed_sum, packed_n = token_loss_sum(model, {**packed, "labels": labels})
         assert int(packed_n) == int(alone_n) > 0, k
-        torch.testing.assert_close(packed_sum / packed_n, alone_sum / alone_n, atol=tol, rtol=tol)
+        torch.testing.assert_close(packed_sum / packed_n, alone_sum / alone_n, atol=tol, rtol=0)
 
 
 def test_merging_on_the_gpu_keeps_the_adapted_outputs(tiny_cfg, tiny_model_dir):
