@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SHELL   := /bin/bash
 
-.PHONY: install train test test-slow lint format bench check-floors clean
+.PHONY: install train test test-slow lint format bench check-floors clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -27,6 +27,21 @@ test: $(STAMP)
 # Throughput beside TRL and a bare loop, efficiency, memory, data preparation (README, Performance): ~10 min.
 bench: $(STAMP)
 	$(PY) -m sftlab.bench.run $(ARGS)
+
+# On a GPU machine (docs/performance.md, GPU check): the gpu-marked tests, then Mistral-7B-shaped LoRA/QLoRA
+# and a 1B full fine-tune beside a bare transformers + peft loop; writes gpu-check.json and gpu-check.md in
+# at most ~8 min. Uses the machine's own Python (GPU_PY) and installs wheels/gpu (make gpu-wheels) if present.
+# ARGS=--dry-run: the same on the CPU with tiny shapes.
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+gpu-check:
+	@if [ -d wheels/gpu ]; then $(GPU_PY) -m pip install -q --no-deps --no-index wheels/gpu/*.whl; fi
+	SFTLAB_TOKENIZER=$${SFTLAB_TOKENIZER:-$(if $(wildcard wheels/gpu/smollm2-tokenizer),$(CURDIR)/wheels/gpu/smollm2-tokenizer,)} \
+	  PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(GPU_PY) -m sftlab.bench.gpu_check $(ARGS)
+
+# Wheels (hydra-core, omegaconf, antlr4, bitsandbytes) and the SmolLM2 tokenizer for gpu-check on a GPU
+# machine without network, into wheels/gpu (about 45 MB; scripts/gpu_wheels.sh).
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_wheels.sh
 
 # The lowest versions pyproject.toml allows, in a throwaway venv (uv), pass `train.py experiment=smoke`
 # (CSV and W&B offline) and, with ARGS=sweeps, a 2-trial Optuna search on SQLite storage: ~5 min. torch stays

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sftlab import build
 from sftlab.config import Origin, validate
@@ -198,3 +199,81 @@ def test_train_py_validates_a_config_dir_given_with_config_dir(tmp_path):
     assert "(2 problem(s))" in out, out
     assert "optimizer.lr=-1" in out
     assert f"model.dtype='float8' ({folder.resolve() / 'model' / 'mymodel.yaml'} or the command line)" in out
+
+
+# ---- devices, strategies and kernels ---------------------------------------------------------------------
+INCOMPATIBLE = [
+    (
+        ["trainer=fsdp", "trainer.accelerator=cpu"],
+        "trainer.strategy (",
+        "=pytorch_lightning.strategies.FSDPStrategy with trainer.accelerator=cpu: FSDP needs CUDA GPUs",
+    ),
+    (
+        ["trainer=deepspeed", "trainer.accelerator=cpu"],
+        "trainer.strategy (",
+        "=pytorch_lightning.strategies.DeepSpeedStrategy with trainer.accelerator=cpu: DeepSpeed",
+    ),
+    (
+        ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
+        "trainer.precision (",
+        "=16-mixed with trainer.accelerator=cpu: fp16",
+    ),
+    (
+        ["trainer.accelerator=cpu", "model.attn_implementation=flash_attention_2"],
+        "model.attn_implementation (",
+        "=flash_attention_2 with trainer.accelerator=cpu: flash-attention kernels need a CUDA GPU",
+    ),
+    (
+        ["adapter=qlora", "trainer=deepspeed", "trainer.strategy.stage=3"],
+        "adapter (",
+        "ZeRO stage 3",
+    ),
+    (["adapter=qlora", "trainer=fsdp"], "adapter.quant_storage (", "=uint8 with trainer.strategy"),
+    (["adapter=lora8bit", "trainer=fsdp"], "adapter (", "FSDP cannot shard 8-bit"),
+    (
+        ["data.packing=true", "model.attn_implementation='paged|sdpa'"],
+        "data.packing (",
+        "=true with model.attn_implementation (",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "says"), INCOMPATIBLE, ids=[" ".join(o[0]) for o in INCOMPATIBLE]
+)
+def test_incompatible_device_choices_are_rejected_naming_the_keys(overrides, key, says):
+    with pytest.raises(ConfigError) as info:
+        check(overrides)
+    message = str(info.value)
+    assert key in message and says in message, message
+    assert "(1 problem(s))" in message
+
+
+def test_compatible_device_choices_pass_validation_on_any_machine():
+    for overrides in (
+        ["adapter=qlora", "trainer=fsdp", "adapter.quant_storage=bfloat16"],
+        ["adapter=qlora", "trainer=deepspeed"],
+        [
+            "data.packing=true",
+            "trainer=gpu",
+            "trainer.precision=16-mixed",
+            "model.attn_implementation=flash_attention_2",
+        ],
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    ):
+        check(overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
+def test_preflight_refuses_gpu_choices_on_a_machine_without_cuda(tmp_path):
+    cfg, origin = build.compose_with_origin(["model=tiny_random", "trainer=fsdp"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build.preflight(cfg, tmp_path, origin)
+    assert "trainer.accelerator=gpu and this machine has no CUDA device: FSDP needs CUDA GPUs" in str(
+        info.value
+    )
+    cfg, origin = build.compose_with_origin(["model=tiny_random", "trainer=gpu"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.accelerator \(.*\)=gpu: no CUDA device is visible"):
+        build.preflight(cfg, tmp_path, origin)
+    cfg, origin = build.compose_with_origin(["model=tiny_random"], output_dir=tmp_path)
+    build.check_devices(cfg, origin)  # accelerator=auto falls back to the CPU

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftlab import paths
-from sftlab.config import Origin, validate
+from sftlab.config import Origin, check_devices, validate
 from sftlab.data.datamodule import SFTDataModule
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
@@ -89,6 +90,7 @@ def preflight(cfg: DictConfig, run_dir: Path, origin: Origin | None = None) -> s
     """What can fail in seconds fails here, before a model or dataset loads. Returns the model source.
     `origin`: where `cfg` was composed from (default: the running Hydra app's record, see `validate`)."""
     validate(cfg, origin)
+    check_devices(cfg, origin)
     write.check_writable(run_dir)
     source = model_source(cfg.model)
     check_available(source, cfg.model)
@@ -159,6 +161,7 @@ def module(cfg: DictConfig, model: torch.nn.Module) -> SFTModule:
         scheduler=instantiate(cfg.scheduler),
         gradient_checkpointing=cfg.gradient_checkpointing,
         compile=cfg.compile,
+        loss_chunk_size=cfg.get("loss_chunk_size"),
     )
 
 
@@ -167,6 +170,91 @@ def trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
     return instantiate(
         cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=loggers, callbacks=callbacks
     )
+
+
+# ---- where the model lives before and after fit() ----------------------------------------------------------
+def eval_device(cfg: DictConfig, trainer: pl.Trainer) -> torch.device:
+    """Where base and tuned evaluation, restore-best and saving run: `eval_device`, by default (auto) the
+    device this process trains on (`trainer.strategy.root_device`: cuda:<local rank> under DDP). The model
+    loads on the CPU, and Lightning's teardown moves it back there after fit(), so without this move every
+    evaluation of a GPU run would run on the CPU."""
+    choice = str(cfg.get("eval_device") or "auto")
+    return trainer.strategy.root_device if choice == "auto" else torch.device(choice)
+
+
+def device_for(choice: str | None) -> torch.device:
+    """A device setting outside training (`sftlab-eval`): `auto` is this process's CUDA device when there is
+    one (LOCAL_RANK under a launcher), else the CPU."""
+    if choice and str(choice) != "auto":
+        return torch.device(str(choice))
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def on_eval_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if next(model.parameters()).device != device:
+        log.info("Moving the model to %s for evaluation", device)
+        model.to(device)
+    return model
+
+
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """FSDP and DeepSpeed: after fit() the weights are split over ranks (FSDP, ZeRO-3) or in an engine."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
+
+
+def gathered_trainable_weights(trainer: pl.Trainer, module: SFTModule) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, with the strategy's own full-state-dict API. A collective: every rank
+    calls it (FSDP gathers the full state dict on rank 0; ZeRO-3 gathers the partitioned parameters)."""
+    strategy = trainer.strategy
+    names = module.trainable_names()
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+    state = strategy.lightning_module_state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items() if k in names}
+
+
+def rebuilt(p: Parts, weights: dict[str, torch.Tensor]) -> SFTModule:
+    """An unsharded module built as training built it (base + adapter), with gathered trainable `weights`."""
+    module = SFTModule(adapted_model(p)[0], optimizer=torch.optim.SGD)
+    missing = set(weights) - set(module.state_dict())
+    if missing:
+        raise SFTLabError(f"gathered weights the rebuilt model lacks: {sorted(missing)[:3]} ...")
+    module.load_state_dict(weights, strict=False)
+    return module
+
+
+def tuned_model(
+    cfg: DictConfig, p: Parts, trainer: pl.Trainer, module: SFTModule, best_path: str | None
+) -> torch.nn.Module | None:
+    """After fit(), on every rank: the trained model with the best checkpoint restored, on the eval device,
+    for rank 0 to save and evaluate; None on the other ranks.
+
+    Single device and DDP: the module's own model (DDP ranks hold identical copies; Lightning's teardown put
+    it on the CPU). FSDP and DeepSpeed: the ranks' shards are gathered with the strategy's full-state-dict
+    API on all ranks, which then return, and rank 0 alone saves and evaluates, on an unsharded copy it
+    builds as training did (base + adapter) and loads the gathered weights, then the best checkpoint, into.
+    One rank evaluating keeps generation, the judge and lm-eval free of collectives with ranks that have
+    exited; the cost is that the whole model must fit that rank's device (or set eval=none, or eval_device).
+    """
+    if is_sharded(trainer):
+        weights = gathered_trainable_weights(trainer, module)
+        if trainer.global_rank != 0:
+            return None
+        module = rebuilt(p, weights)
+    elif trainer.global_rank != 0:
+        return None
+    from sftlab.training.checkpoint import restore_best
+
+    restore_best(module, best_path)
+    return on_eval_device(module.model, eval_device(cfg, trainer))
 
 
 def suite(

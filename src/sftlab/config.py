@@ -68,6 +68,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler.warmup": (lambda v: isinstance(v, int | float) and v >= 0, "a number >= 0 (< 1: a fraction)"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "loss_chunk_size": (lambda v: v is None or _ge1(v), "an integer >= 1 (or null for one chunk)"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -360,6 +361,126 @@ def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
     _walk("", cfg, origin, problems)
     _check_rules(cfg, origin, problems)
     _check_paths(cfg, origin, problems)
+    problems += device_problems(cfg, origin)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n{listing}")
+
+
+# ---- devices, strategies and kernels ---------------------------------------------------------------------
+# Attention implementations that keep packed examples apart: eager, SDPA and flex build a block-diagonal
+# mask from the restarting position ids (transformers' masking_utils); flash-attention runs varlen kernels on
+# the packed rows flattened into one (sftlab.model.forward). Anything else (paged, hub kernels) would let
+# one example attend to another.
+PACKING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def _strategy(cfg: DictConfig) -> str:
+    """The trainer strategy's registry name or class name, lower case ("" for the default)."""
+    node = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if isinstance(node, DictConfig):
+        return str(node.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    return str(node or "").lower()
+
+
+def _strategy_label(cfg: DictConfig) -> str:
+    """The strategy as the config gives it, for messages."""
+    node = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    return str(node.get("_target_", "")) if isinstance(node, DictConfig) else str(node)
+
+
+def _deepspeed_stage(cfg: DictConfig, strategy: str) -> int | None:
+    if "deepspeed" not in strategy:
+        return None
+    node = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if isinstance(node, DictConfig):
+        return int(node.get("stage", 2))
+    digits = [c for c in strategy.removeprefix("deepspeed_stage_")[:1] if c.isdigit()]
+    return int(digits[0]) if digits else 2
+
+
+def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None = None) -> list[str]:
+    """Choices that cannot run together, each naming its keys. `cuda_available=None` (config validation, on
+    any machine): only what `trainer.accelerator=cpu` rules out; True/False (preflight): what this machine
+    can do."""
+    problems: list[str] = []
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    strategy, label = _strategy(cfg), _strategy_label(cfg)
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="auto"))
+    attention = str(OmegaConf.select(cfg, "model.attn_implementation", default=None) or "sdpa")
+    adapter = str(OmegaConf.select(cfg, "adapter._target_", default="")).rsplit(".", 1)[-1]
+    no_cuda = accelerator == "cpu" or (cuda_available is False and accelerator in ("auto", "gpu", "cuda"))
+    why = (
+        "trainer.accelerator=cpu"
+        if accelerator == "cpu"
+        else f"trainer.accelerator={accelerator} and this machine has no CUDA device"
+    )
+
+    def at(key: str) -> str:
+        return f"{key} ({origin.where(key)})"
+
+    if no_cuda:
+        if "fsdp" in strategy or "deepspeed" in strategy:
+            name = "FSDP" if "fsdp" in strategy else "DeepSpeed"
+            problems.append(
+                f"{at('trainer.strategy')}={label} with {why}: {name} needs CUDA GPUs. On CPUs use "
+                "trainer=ddp trainer.accelerator=cpu (gloo), or run on a GPU machine."
+            )
+        if precision in ("16-mixed", "16"):
+            problems.append(
+                f"{at('trainer.precision')}={precision} with {why}: fp16 autocast needs a GPU. Use "
+                "trainer.precision=bf16-mixed (or auto, or 32) on CPUs."
+            )
+        if attention.startswith("flash_attention"):
+            problems.append(
+                f"{at('model.attn_implementation')}={attention} with {why}: flash-attention kernels need a "
+                "CUDA GPU. Use model.attn_implementation=sdpa."
+            )
+        if cuda_available is False and accelerator in ("gpu", "cuda") and not problems:
+            problems.append(
+                f"{at('trainer.accelerator')}={accelerator}: no CUDA device is visible "
+                "(torch.cuda.is_available() is False). Use trainer=cpu or trainer.accelerator=auto."
+            )
+    quantized = adapter in ("QLoRA", "LoRA8bit")
+    stage = _deepspeed_stage(cfg, strategy)
+    if quantized and stage == 3:
+        problems.append(
+            f"{at('adapter')}={adapter} with {at('trainer.strategy')}={label}: ZeRO stage 3 partitions "
+            "parameters, and a base model bitsandbytes quantized before the strategy sees it cannot be "
+            "partitioned. Use trainer=deepspeed (stage 2), or trainer=fsdp with adapter=qlora "
+            "adapter.quant_storage=bfloat16."
+        )
+    if quantized and "fsdp" in strategy:
+        storage = OmegaConf.select(cfg, "adapter.quant_storage", default=None)
+        compute = OmegaConf.select(cfg, "adapter.compute_dtype", default=None)
+        if adapter == "LoRA8bit":
+            problems.append(
+                f"{at('adapter')}=LoRA8bit with {at('trainer.strategy')}={label}: FSDP cannot shard 8-bit "
+                "bitsandbytes weights. Use adapter=qlora adapter.quant_storage=bfloat16, or trainer=ddp."
+            )
+        elif storage != compute:
+            problems.append(
+                f"{at('adapter.quant_storage')}={storage} with {at('trainer.strategy')}={label}: FSDP "
+                "flattens each unit's weights into one tensor of one dtype, so the 4-bit weights must be "
+                f"stored in the compute dtype: set adapter.quant_storage={compute}."
+            )
+    packing = OmegaConf.select(cfg, "data.packing", default=False)
+    if packing is True and attention not in PACKING_ATTENTION:
+        problems.append(
+            f"{at('data.packing')}=true with {at('model.attn_implementation')}={attention}: that attention "
+            f"cannot keep packed examples apart. Use one of {', '.join(PACKING_ATTENTION)}, or "
+            "data.packing=false."
+        )
+    return problems
+
+
+def check_devices(cfg: DictConfig, origin: Origin | None = None) -> None:
+    """`device_problems` for this machine (it imports torch, so it runs in preflight, not in validation)."""
+    import torch
+
+    if origin is None:
+        origin = Origin.from_hydra(HydraConfig.get()) if HydraConfig.initialized() else Origin.shipped()
+    problems = device_problems(cfg, origin, torch.cuda.is_available())
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"invalid configuration for this machine ({len(problems)} problem(s)):\n{listing}")

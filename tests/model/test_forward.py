@@ -14,7 +14,7 @@ import torch
 
 from sftlab.errors import SFTLabError
 from sftlab.model.adapters import LoRA
-from sftlab.model.forward import enable_gradient_checkpointing, token_loss_sum, unwrap
+from sftlab.model.forward import chunked_head_loss, enable_gradient_checkpointing, token_loss_sum, unwrap
 from sftlab.model.load import load_model
 from sftlab.training.module import SFTModule
 
@@ -84,3 +84,56 @@ def test_module_enables_it_from_config(tiny_cfg, tiny_model_dir):
     assert unwrap(model).is_gradient_checkpointing
     with pytest.raises(SFTLabError, match="gradient_checkpointing='sometimes'"):
         SFTModule(model, optimizer=torch.optim.SGD, gradient_checkpointing="sometimes")
+
+
+# ---- chunked target loss ----------------------------------------------------------------------------------
+def _loss_and_grads(model, batch, chunk_size) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = token_loss_sum(model, batch, chunk_size=chunk_size)
+    (loss_sum / n).backward()
+    return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["full_tied_head", "lora", "softcap"])
+def test_chunked_loss_and_gradients_equal_the_unchunked_ones(kind, tiny_cfg, tiny_model_dir, tokenizer):
+    batch = _batch(tokenizer)
+    if kind == "lora":
+        model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
+    else:  # every weight trains, the head tied to the embedding: its gradient comes from both ends
+        model = load_model(tiny_cfg.model, tiny_model_dir)
+        if kind == "softcap":
+            unwrap(model).config.final_logit_softcapping = 3.0
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_targets == 11
+    loss, grads = _loss_and_grads(model, batch, None)
+    for chunk in (1, 4, 10):  # uneven last chunk, and one short of all rows
+        chunked_loss, chunked_grads = _loss_and_grads(model, batch, chunk)
+        torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+        assert chunked_grads.keys() == grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_chunks_keep_no_logits_for_backward(tiny_cfg, tiny_model_dir):
+    """What autograd saves between forward and backward: with chunks, nothing of vocabulary width (each
+    chunk's logits are recomputed); without, the full (targets x vocab) logits."""
+    model = load_model(tiny_cfg.model, tiny_model_dir)
+    vocab = model.config.vocab_size
+    hidden = torch.randn(40, model.config.hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (40,))
+
+    def widest_saved(chunk_size):
+        widths: list[int] = []
+
+        def pack(t):
+            widths.append(t.shape[-1] if t.dim() else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = chunked_head_loss(model, hidden, targets, chunk_size)
+        loss.backward()
+        return max(widths)
+
+    assert widest_saved(None) == vocab
+    assert widest_saved(8) < vocab

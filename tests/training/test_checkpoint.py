@@ -115,6 +115,35 @@ def test_resume_auto_picks_the_newest_readable_resumable_checkpoint(tmp_path):
         resolve_resume("nope.ckpt", tmp_path)
 
 
+def _deepspeed_checkpoint(path, global_step: int, optimizer: bool = True) -> None:
+    """The layout Lightning's DeepSpeedStrategy writes (`engine.save_checkpoint(path, tag="checkpoint")`):
+    a directory named like the checkpoint file, Lightning's loop state in the model-states file, the optimizer
+    in its own shards, and a `latest` file naming the tag. Written by hand: DeepSpeed needs CUDA to run."""
+    (path / "checkpoint").mkdir(parents=True)
+    torch.save(
+        {"module": {}, "global_step": global_step, "epoch": 0}, path / "checkpoint/mp_rank_00_model_states.pt"
+    )
+    if optimizer:
+        torch.save(
+            {"optimizer_state_dict": {}}, path / "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        )
+    (path / "latest").write_text("checkpoint")
+
+
+def test_resume_auto_finds_deepspeed_checkpoint_directories(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    _deepspeed_checkpoint(ckpt_dir / "last.ckpt", global_step=6)
+    _deepspeed_checkpoint(ckpt_dir / "step4-val1.0.ckpt", global_step=4)
+    _deepspeed_checkpoint(ckpt_dir / "step8-val0.8.ckpt", global_step=8, optimizer=False)  # not resumable
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "last.ckpt"
+    assert resolve_resume("auto", tmp_path) == str(ckpt_dir / "last.ckpt")
+    assert resolve_resume(str(ckpt_dir / "step4-val1.0.ckpt"), tmp_path) == str(
+        ckpt_dir / "step4-val1.0.ckpt"
+    )
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        resolve_resume(str(ckpt_dir), tmp_path)  # a directory, but no checkpoint
+
+
 # ---- NaN / Inf guard -------------------------------------------------------------------------------------
 class PoisonedAt(SFTModule):
     """Makes the loss of optimizer step `step` (0-based) NaN, as an fp16 overflow or a bad batch would."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 
@@ -36,25 +37,27 @@ def load_splits(run: LoadedRun, test_path: str | None) -> dict[str, Any]:
     return build.datamodule(run, stage="test", **overrides).splits
 
 
-def evaluate_base(suite: EvalSuite, run: LoadedRun) -> None:
+def evaluate_base(suite: EvalSuite, run: LoadedRun, device: torch.device | None = None) -> None:
     if isinstance(run.model, PeftModel):
         with run.model.disable_adapter():  # the base model of the run, without a second load
             suite.run(run.model, "base")
         return
     base = load_run(run.run_dir, with_adapter=False)
-    suite.run(base.model, "base")
+    suite.run(build.on_eval_device(base.model, device) if device else base.model, "base")
     del base
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     run = load_run(cfg.run, with_adapter=True)
+    device = build.device_for(cfg.get("eval_device"))
+    build.on_eval_device(run.model, device)  # loaded on the CPU; a GPU run is evaluated on the GPU
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run.run_dir / "eval"
     splits = load_splits(run, cfg.test_path)
     suite = build_suite(cfg.get("eval"), run.tokenizer, run.template, splits, out_dir)
     if suite is None:
         raise SFTLabError("sftlab-eval: eval=none leaves nothing to run; choose e.g. eval=[generate].")
     if cfg.compare_base and suite.compare_base:
-        evaluate_base(suite, run)
+        evaluate_base(suite, run, device)
     evals = suite.run(run.model, "tuned")
     console.print_comparison(evals)
     if cfg.wandb:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,10 @@ def is_rank_zero() -> bool:
     rank 0 writes the run directory and evaluates. The rank comes from the environment, known at import."""
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    return rank_zero_only.rank == 0
+    # Until the Trainer exists, Lightning knows the rank only from RANK / LOCAL_RANK / SLURM_PROCID; a node
+    # started by hand or by a launcher with one process per node has only NODE_RANK (GROUP_RANK: torchrun).
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return rank_zero_only.rank == 0 and node == 0
 
 
 def run(cfg: DictConfig) -> float:
@@ -58,15 +62,17 @@ def run(cfg: DictConfig) -> float:
 
     option = build.adapter(cfg)
     model = build.base_model(parts, option)
-    evals = suite.run(model, "base") if is_rank_zero() and suite and suite.compare_base else {}
+    run_loggers = loggers.make_loggers(cfg.get("logger"))
+    trainer = build.trainer(cfg, run_loggers)  # first: it knows the device this process trains on
+    evals = {}
+    if is_rank_zero() and suite and suite.compare_base:
+        evals = suite.run(build.on_eval_device(model, build.eval_device(cfg, trainer)), "base")
     model = option.apply(model, new_token_ids=parts.new_token_ids)
     trainable, total = trainable_parameters(model)
     params = {"trainable": trainable, "total": total}
     log.info("Parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
     module = build.module(cfg, model)
 
-    run_loggers = loggers.make_loggers(cfg.get("logger"))
-    trainer = build.trainer(cfg, run_loggers)
     for lg in run_loggers:
         lg.log_hyperparams(
             {**write.resolved_config(cfg), "params": params, "data_counts": datamodule.counts()}
@@ -79,12 +85,14 @@ def run(cfg: DictConfig) -> float:
             ckpt_path=checkpoint.resolve_resume(cfg.get("resume"), run_dir),
             weights_only=True,
         )
-        if not is_rank_zero():
-            return math.nan  # the other DDP ranks are done: rank 0 saves, evaluates and reports
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-        checkpoint.restore_best(module, best_path)
-        log.info("Saved %s", write.save_model(run_dir, module.model, parts.tokenizer, parts.template))
-        evals = (suite.run(module.model, "tuned") if suite else {}) or evals
+        # Every rank takes part (FSDP and DeepSpeed gather their shards); rank 0 gets the model to save and
+        # evaluate, on the eval device.
+        tuned = build.tuned_model(cfg, parts, trainer, module, best_path)
+        if tuned is None:
+            return math.nan  # the other ranks are done: rank 0 saves, evaluates and reports
+        log.info("Saved %s", write.save_model(run_dir, tuned, parts.tokenizer, parts.template))
+        evals = (suite.run(tuned, "tuned") if suite else {}) or evals
         metrics = write.final_metrics(
             trainer,
             eval=evals,

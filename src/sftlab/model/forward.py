@@ -3,6 +3,12 @@ a PeftModel, and gradient checkpointing that keeps LoRA gradients flowing.
 
 Logits are computed only at target positions: the decoder's hidden states are gathered where labels are not
 -100 and only those rows go through the output head, so no (batch x length x vocab) fp32 tensor is built.
+Those rows then go through the head and the cross-entropy `chunk_size` at a time, each chunk under activation
+checkpointing: its logits are freed after its loss is summed and recomputed, one chunk at a time, in backward.
+Peak loss memory is chunk x vocab whatever the number of targets (16k targets x 128k vocab would be 8 GiB of
+fp32 logits at once). `torch.utils.checkpoint` rather than a hand-written autograd Function (Liger, cut
+cross-entropy) because it recomputes whatever the head is: a LoRA-wrapped or tied head, a bias, a logit
+softcap, autocast, and the gradient of a trainable head in a full fine-tune all come out exactly as unchunked.
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 
 from sftlab.data.collate import BOUNDARY_KEYS
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
+
+# Rows of the output head computed at once: 1024 x 128k vocab is 512 MiB of fp32 logits (Llama 3), and the
+# matmul stays large enough to run at full speed on a GPU; micro-batches with fewer targets are not chunked.
+DEFAULT_LOSS_CHUNK = 1024
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,30 +39,69 @@ def token_loss_sum(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     decoder: Callable[..., Any] | None = None,
+    chunk_size: int | None = DEFAULT_LOSS_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target positions, number of target positions). `decoder`: a
-    compiled forward of the model's decoder to run instead of the eager one."""
+    compiled forward of the model's decoder to run instead of the eager one. `chunk_size`: target rows per
+    output-head chunk (None or 0: all at once)."""
     lm = unwrap(model)
     # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
     # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
     # attention never lets a real token see it; it only needs its label -100. See data/packing.py. Flash
     # attention takes the boundaries from cu_seq_lens instead (data/collate.py: boundaries).
     packed = "position_ids" in batch
+    input_ids, position_ids = batch["input_ids"], batch.get("position_ids")
+    # transformers runs flash-attention's varlen kernel on position ids only for a batch of one row; with
+    # more, every packed row would attend across its examples. One row of all rows end to end keeps them
+    # apart (each row's position ids start at 0: a new sequence) and costs nothing, flash builds no mask.
+    flatten = packed and input_ids.shape[0] > 1 and _attention(lm).startswith("flash")
+    if flatten:
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
     hidden = (decoder or lm.get_decoder())(
-        input_ids=batch["input_ids"],
+        input_ids=input_ids,
         attention_mask=None if packed else batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
+        position_ids=position_ids,
         use_cache=False,
         **{k: batch[k] for k in BOUNDARY_KEYS if k in batch and k != "seq_idx"},
     ).last_hidden_state
+    if flatten:
+        hidden = hidden.reshape(*batch["input_ids"].shape, -1)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    loss_sum = chunked_head_loss(lm, hidden[:, :-1][mask], targets[mask], chunk_size)
+    return loss_sum, mask.sum()
+
+
+def _attention(lm: torch.nn.Module) -> str:
+    return str(getattr(lm.config, "_attn_implementation", None) or "")
+
+
+def head_loss_sum(lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the output head on `hidden` rows (n x hidden) against `targets` (n)."""
+    logits = lm.get_output_embeddings()(hidden).float()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:  # Gemma 2 caps logits; skipping it would train a different function than inference runs
         logits = torch.tanh(logits / softcap) * softcap
-    loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
-    return loss_sum, mask.sum()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_head_loss(
+    lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None
+) -> torch.Tensor:
+    """`head_loss_sum` over `chunk_size` rows at a time; with autograd, each chunk's logits are recomputed in
+    backward instead of kept (non-reentrant checkpointing restores autocast and RNG state for the
+    recompute)."""
+    if not chunk_size or hidden.shape[0] <= chunk_size:
+        return head_loss_sum(lm, hidden, targets)
+    keep_graph = torch.is_grad_enabled()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
+        if keep_graph:
+            part = checkpoint(head_loss_sum, lm, h, t, use_reentrant=False)
+        else:
+            part = head_loss_sum(lm, h, t)
+        total = total + part
+    return total
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:

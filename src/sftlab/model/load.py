@@ -224,7 +224,7 @@ def load_model(cfg: Any, source: str | None = None, quantization_config: Any = N
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["device_map"] = {"": _local_cuda_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -234,6 +234,15 @@ def load_model(cfg: Any, source: str | None = None, quantization_config: Any = N
         report_quantization(model)
         keep_4bit_trainable(model)
     return model
+
+
+def _local_cuda_device() -> int:
+    """The GPU of this process: a bitsandbytes model is quantized where it loads, before Lightning has set the
+    rank's device, so every DDP rank would otherwise load onto (and fill) GPU 0 first."""
+    rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID")
+    if rank is None or torch.cuda.device_count() <= 1:
+        return torch.cuda.current_device()
+    return min(int(rank), torch.cuda.device_count() - 1)
 
 
 def keep_4bit_trainable(model: torch.nn.Module) -> int:

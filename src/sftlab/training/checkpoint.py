@@ -44,6 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _readable(path: Path) -> dict[str, Any] | None:
     """The checkpoint's loop position if it loads and can resume training (has optimizer state), else None."""
+    if path.is_dir():
+        return _readable_deepspeed(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file (truncated, foreign) is skipped, and said so
@@ -51,6 +53,29 @@ def _readable(path: Path) -> dict[str, Any] | None:
         return None
     if not ckpt.get("optimizer_states"):
         return None  # weights-only (top-k "best" files): cannot continue the optimizer
+    return {"global_step": ckpt.get("global_step", 0), "last": path.name.startswith("last")}
+
+
+# DeepSpeed (Lightning's DeepSpeedStrategy) writes each checkpoint as a directory named like the file would
+# be: <name>.ckpt/checkpoint/mp_rank_00_model_states.pt holds the module weights (trainable ones only with
+# exclude_frozen_parameters, as conf/trainer/deepspeed.yaml sets) and Lightning's loop state; the optimizer
+# state is in its *_optim_states.pt shards.
+DEEPSPEED_TAG = "checkpoint"
+
+
+def _deepspeed_states(path: Path) -> Path:
+    return path / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
+
+
+def _readable_deepspeed(path: Path) -> dict[str, Any] | None:
+    states = _deepspeed_states(path)
+    try:
+        ckpt = torch.load(states, map_location="cpu", weights_only=True)
+    except Exception as err:
+        log.warning("resume=auto: skipping unreadable DeepSpeed checkpoint %s (%s)", path, type(err).__name__)
+        return None
+    if not any(states.parent.glob("*optim_states.pt")):
+        return None
     return {"global_step": ckpt.get("global_step", 0), "last": path.name.startswith("last")}
 
 
@@ -84,7 +109,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         log.info("resume=auto: resuming from %s", found)
         return str(found)
     path = Path(resume)
-    if not path.is_file():
+    if not (path.is_file() or _deepspeed_states(path).is_file()):
         raise ConfigError(
             f"resume={resume!r}: no such checkpoint file. Pass a .ckpt path, or resume=auto "
             "with hydra.run.dir=<the run directory to continue>."
@@ -92,11 +117,24 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def trainable_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint holds, named as in the LightningModule's state dict: a Lightning
+    file, or a DeepSpeed directory (its fp32 master weights, the same precision a file holds)."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    # DeepSpeed wraps Lightning's module wrapper, whose attribute is `_forward_module`.
+    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+
+
 def restore_best(module: torch.nn.Module, best_path: str | None) -> bool:
     """Load the trainable weights of the best checkpoint into `module` (early stopping keeps the best)."""
-    if not best_path or not Path(best_path).is_file():
+    if not best_path or not (Path(best_path).is_file() or _deepspeed_states(Path(best_path)).is_file()):
         return False
-    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    state = trainable_weights(best_path)
     missing = set(state) - set(module.state_dict())
     if missing:
         raise RuntimeError(f"checkpoint {best_path} has weights this model lacks: {sorted(missing)[:3]} ...")

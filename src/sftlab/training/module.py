@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from sftlab.errors import SFTLabError
-from sftlab.model.forward import enable_gradient_checkpointing, token_loss_sum, unwrap
+from sftlab.model.forward import DEFAULT_LOSS_CHUNK, enable_gradient_checkpointing, token_loss_sum, unwrap
 from sftlab.training.checkpoint import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class SFTModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         gradient_checkpointing: bool | str = False,
         compile: bool = False,
+        loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK,
     ) -> None:
         super().__init__()
         self.model = model
@@ -88,6 +89,7 @@ class SFTModule(pl.LightningModule):
         # rather than each paying minutes of compiling. A function, not a module: not in the state dict.
         decoder = unwrap(model).get_decoder()
         self._train_decoder = torch.compile(decoder.forward, dynamic=True) if compile else None
+        self.loss_chunk_size = loss_chunk_size
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
         self._step_loss = torch.zeros(())
@@ -119,7 +121,7 @@ class SFTModule(pl.LightningModule):
             set_rng_states(self._train_rng)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_targets = token_loss_sum(self.model, batch, self._train_decoder)
+        loss_sum, n_targets = token_loss_sum(self.model, batch, self._train_decoder, self.loss_chunk_size)
         # Backward and the optimizer step draw no random numbers (checkpointed recomputation restores its own
         # RNG state), so this is the state the next training step starts from.
         self._train_rng = rng_states()
@@ -159,7 +161,7 @@ class SFTModule(pl.LightningModule):
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n_targets = token_loss_sum(self.model, batch)
+        loss_sum, n_targets = token_loss_sum(self.model, batch, chunk_size=self.loss_chunk_size)
         if n_targets > 0:
             self.val_loss.update(loss_sum.detach() / n_targets, weight=n_targets)
 
@@ -180,7 +182,7 @@ class SFTModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- adapter-sized checkpoints --------------------------------------------------------------------
-    def _trainable_names(self) -> set[str]:
+    def trainable_names(self) -> set[str]:
         # FSDP (use_orig_params) and activation checkpointing insert wrapper names into parameter names,
         # but not into the full state dict Lightning gathers.
         return {
@@ -190,12 +192,12 @@ class SFTModule(pl.LightningModule):
         }
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = self._trainable_names()
+        names = self.trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Filter the state dict the strategy already gathered (DDP, FSDP full) instead of building another.
-        names = self._trainable_names()
+        names = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in names}
         checkpoint["rng_states"] = self._all_rank_rng_states()
 

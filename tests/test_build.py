@@ -1,0 +1,79 @@
+"""The model's lifecycle around fit(): where it is evaluated and what rank 0 saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sftlab import build
+from sftlab.model.forward import token_loss_sum
+from tests.conftest import quiet_trainer, small_iso_data
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A real fit of the tiny model: 4 steps, validation (and a best checkpoint) after steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cfg = build.compose(["model=tiny_random", *small_iso_data(tmp), "data.batch_size=4"], output_dir=tmp)
+    parts = build.parts(cfg)
+    dm = build.datamodule(parts)
+    module = build.module(cfg, build.adapted_model(parts)[0])
+    best_cb = instantiate(cfg.callbacks.model_checkpoint)
+    trainer = quiet_trainer([best_cb], max_steps=4, val_check_interval=2, precision="32-true")
+    trainer.fit(module, datamodule=dm)
+    return cfg, parts, dm, trainer, module, best_cb.best_model_path
+
+
+def test_the_tuned_model_carries_the_best_weights_on_the_training_device(fitted):
+    cfg, parts, _, trainer, module, best_path = fitted
+    best = torch.load(best_path, weights_only=True)["state_dict"]
+    with torch.no_grad():  # weights past the best checkpoint, as after validation loss went up again
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    assert best and not any(torch.equal(best[k], module.state_dict()[k]) for k in best)
+    tuned = build.tuned_model(cfg, parts, trainer, module, best_path)
+    assert tuned is module.model
+    assert build.eval_device(cfg, trainer) == trainer.strategy.root_device
+    assert {p.device for p in tuned.parameters()} == {trainer.strategy.root_device}
+    state = module.state_dict()
+    assert all(torch.equal(state[k], best[k]) for k in best)
+
+
+def test_a_configured_eval_device_is_where_the_tuned_model_goes(fitted):
+    """`meta` stands in for a second accelerator: a real move, observable without one."""
+    cfg, parts, _, trainer, module, best_path = fitted
+    cfg = cfg.copy()
+    cfg.eval_device = "meta"
+    tuned = build.tuned_model(cfg, parts, trainer, module, best_path)
+    assert {p.device.type for p in tuned.parameters()} == {"meta"}
+
+
+def test_the_rank_zero_rebuild_of_a_sharded_run_computes_what_training_did(tmp_path, fitted):
+    """FSDP / DeepSpeed: rank 0 rebuilds base + adapter and loads the gathered trainable weights."""
+    cfg, parts, dm, *_ = fitted
+    module = build.module(cfg, build.adapted_model(parts)[0])
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)  # trained-looking weights: a plain rebuild would not have them
+    weights = module.trainable_state_dict()
+    fresh = build.rebuilt(parts, weights)
+    batch = next(iter(dm.val_dataloader()))
+    module.eval(), fresh.eval()
+    with torch.no_grad():
+        expected, _ = token_loss_sum(module.model, batch)
+        got, _ = token_loss_sum(fresh.model, batch)
+        untrained, _ = token_loss_sum(build.adapted_model(parts)[0].eval(), batch)
+    torch.testing.assert_close(got, expected)
+    assert (untrained - expected).abs() > 1e-3
+
+
+def test_device_for_commands_outside_training(monkeypatch):
+    """sftlab-eval: `auto` is this process's GPU (LOCAL_RANK under a launcher) when there is one."""
+    assert build.device_for("cpu") == torch.device("cpu")
+    assert build.device_for("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert build.device_for("auto") == build.device_for(None) == expected
