@@ -14,6 +14,7 @@ import os
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import move_data_to_device
 
 from sftlab import build
 from sftlab.data.packing import pack
@@ -129,7 +130,7 @@ ATTENTION = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash
 
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_packed_rows_give_each_example_its_unpacked_loss_on_the_gpu(attention, tokenizer, chatml):
-    """More than one packed row per batch: flash-attention's varlen path needs the rows flattened."""
+    """More than one packed row per batch: flash-attention's varlen path needs the boundaries given."""
     from sftlab.model.load import load_model, model_source
 
     dtype = "bfloat16" if attention.startswith("flash") else "float32"
@@ -138,10 +139,10 @@ def test_packed_rows_give_each_example_its_unpacked_loss_on_the_gpu(attention, t
     encoded = encode_conversations(CONVERSATIONS, chatml, tokenizer)
     rows = pack(encoded, max_length=128)
     assert len(rows) > 1
-    packed = {k: v.cuda() for k, v in batch_of(rows, tokenizer.pad_token_id).items()}
+    packed = move_data_to_device(batch_of(rows, tokenizer.pad_token_id), "cuda")
     tol = 1e-2 if dtype == "bfloat16" else 1e-4  # bf16: rounding differs with the batch shape
     for k, ex in enumerate(encoded):
-        alone = {k2: v.cuda() for k2, v in batch_of([ex], tokenizer.pad_token_id).items()}
+        alone = move_data_to_device(batch_of([ex], tokenizer.pad_token_id), "cuda")
         labels = torch.full_like(packed["labels"], IGNORE_INDEX)
         for r, row in enumerate(rows):
             for a, b in _spans(row.position_ids):

@@ -70,7 +70,7 @@ def boundaries(position_ids: torch.Tensor) -> dict:
     rows per batch it needs these, or examples would attend to each other. Eager and SDPA ignore them."""
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().view(-1)
-    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
     longest = int(cu.diff().max())
     seq_idx = (torch.cumsum((flat == 0).to(torch.int32), 0) - 1).to(torch.int32).view_as(position_ids)
     return {

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 
-from sftlab.data.collate import BOUNDARY_KEYS
+from sftlab.data.collate import BOUNDARY_KEYS, boundaries
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
 
@@ -46,34 +46,27 @@ def token_loss_sum(
     output-head chunk (None or 0: all at once)."""
     lm = unwrap(model)
     # Packed rows carry position_ids restarting per example and no 2-D mask: from those transformers builds a
-    # block-diagonal causal mask (eager/SDPA) or varlen attention (flash). Padding is at the right, so causal
-    # attention never lets a real token see it; it only needs its label -100. See data/packing.py. Flash
-    # attention takes the boundaries from cu_seq_lens instead (data/collate.py: boundaries).
+    # block-diagonal causal mask (eager/SDPA). Padding is at the right, so causal attention never lets a real
+    # token see it; it only needs its label -100. See data/packing.py. Flash-attention reads position ids as
+    # boundaries only for a batch of one row; with more, every packed row would attend across its examples,
+    # so the boundaries go explicitly too (cu_seq_lens, as DataCollatorWithFlattening gives them), over the
+    # rows laid end to end: flash then runs its varlen kernel on all rows at once. Eager and SDPA ignore them.
     packed = "position_ids" in batch
-    input_ids, position_ids = batch["input_ids"], batch.get("position_ids")
-    # transformers runs flash-attention's varlen kernel on position ids only for a batch of one row; with
-    # more, every packed row would attend across its examples. One row of all rows end to end keeps them
-    # apart (each row's position ids start at 0: a new sequence) and costs nothing, flash builds no mask.
-    flatten = packed and input_ids.shape[0] > 1 and _attention(lm).startswith("flash")
-    if flatten:
-        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+    bounds = {}
+    if packed:
+        bounds = {k: batch[k] for k in BOUNDARY_KEYS if k in batch} or boundaries(batch["position_ids"])
+        bounds.pop("seq_idx", None)
     hidden = (decoder or lm.get_decoder())(
-        input_ids=input_ids,
+        input_ids=batch["input_ids"],
         attention_mask=None if packed else batch.get("attention_mask"),
-        position_ids=position_ids,
+        position_ids=batch.get("position_ids"),
         use_cache=False,
-        **{k: batch[k] for k in BOUNDARY_KEYS if k in batch and k != "seq_idx"},
+        **bounds,
     ).last_hidden_state
-    if flatten:
-        hidden = hidden.reshape(*batch["input_ids"].shape, -1)
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     loss_sum = chunked_head_loss(lm, hidden[:, :-1][mask], targets[mask], chunk_size)
     return loss_sum, mask.sum()
-
-
-def _attention(lm: torch.nn.Module) -> str:
-    return str(getattr(lm.config, "_attn_implementation", None) or "")
 
 
 def head_loss_sum(lm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
