@@ -34,6 +34,9 @@ def check_adapter(adapter_dir: Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     needed = [weights, adapter_dir / "adapter_config.json", adapter_dir / "tokenizer_config.json"]
     missing = [p.name for p in needed if not p.is_file()]
+    vocab = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, byte-level BPE files
+    if not any((adapter_dir / name).is_file() for name in vocab):
+        missing.append(" or ".join(vocab))
     if missing:
         raise SFTLabError(
             f"{adapter_dir}: the adapter is incomplete ({', '.join(missing)} missing): the save was cut "

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
-from sftlab.rundir.redact import redact, redact_override
+from sftlab.rundir.redact import redact, redact_override, secret_override, secret_values
 
 MIN_FREE_BYTES = (
     1 << 30
@@ -77,13 +77,16 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
     if not HydraConfig.initialized():
         return  # composed outside a Hydra app (tests, the bench): there is no Hydra record to write
     hydra_cfg = OmegaConf.to_container(HydraConfig.get(), resolve=False)
+    given = hydra_cfg["overrides"]["task"] + hydra_cfg["overrides"]["hydra"]
+    # A secret's value also appears in derived strings (job.override_dirname): mask it wherever it is.
+    secrets = secret_values() + [o.partition("=")[2] for o in given if secret_override(o)]
     hydra_cfg["overrides"]["task"] = [redact_override(o) for o in hydra_cfg["overrides"]["task"]]
     hydra_cfg["overrides"]["hydra"] = [redact_override(o) for o in hydra_cfg["overrides"]["hydra"]]
     out = run_dir / HYDRA_RECORD
     out.mkdir(parents=True, exist_ok=True)
     for name, data in (
-        ("config.yaml", redact(OmegaConf.to_container(cfg, resolve=False))),
-        ("hydra.yaml", {"hydra": redact(hydra_cfg)}),
+        ("config.yaml", redact(OmegaConf.to_container(cfg, resolve=False), secrets)),
+        ("hydra.yaml", {"hydra": redact(hydra_cfg, secrets)}),
         ("overrides.yaml", hydra_cfg["overrides"]["task"]),
     ):
         (out / name).write_text(OmegaConf.to_yaml(OmegaConf.create(data)), encoding="utf-8")
