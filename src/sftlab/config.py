@@ -411,7 +411,8 @@ def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> Non
         for s, v in (("val", val), ("test", test))
         if isinstance(v, str) and v.startswith(BUNDLED_DATA)
     ]
-    if isinstance(train, str) and not train.startswith(BUNDLED_DATA) and bundled:
+    train_reported = any(p.startswith("data.train_path=") for p in problems)  # one problem per key
+    if isinstance(train, str) and not train.startswith(BUNDLED_DATA) and bundled and not train_reported:
         problems.append(
             f"data.train_path={train!r} is your data but {' and '.join(bundled)} still point to the bundled "
             f"ISO-date sets ({origin.where('data.train_path')}): add data=jsonl (validation held out from "

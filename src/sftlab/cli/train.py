@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +45,9 @@ def run(cfg: DictConfig) -> float:
 
     run_dir = Path(cfg.paths.output_dir)
     source = build.preflight(cfg, run_dir)
-    lock = guard.claim(run_dir, cfg.get("resume"), bool(cfg.get("replace"))) if is_rank_zero() else None
+    # NODE_RANK: a node started by hand for multi-node has no RANK yet, so it looks like rank 0 until fit().
+    first = is_rank_zero() and os.environ.get("NODE_RANK", "0") == "0"
+    lock = guard.claim(run_dir, cfg.get("resume"), bool(cfg.get("replace"))) if first else None
     try:
         if lock is not None:
             write.write_hydra_record(run_dir, cfg)
