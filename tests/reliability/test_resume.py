@@ -92,6 +92,7 @@ def test_resume_applies_a_new_learning_rate_and_refuses_other_changes(finished_r
     ]
 
 
+@pytest.mark.slow  # two short trainings
 def test_non_finite_weights_are_never_saved_and_the_advice_trains_on(finished_run, tmp_path):
     base, _ = finished_run
     run_dir = tmp_path / "run"
@@ -128,6 +129,7 @@ def test_truncated_last_checkpoint_falls_back_or_stops(finished_run, tmp_path):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # a training of its own
 def test_final_adapter_is_the_best_checkpoint_when_it_is_not_the_last(finished_run, tmp_path):
     base, _ = finished_run
     run_dir = tmp_path / "run"
