@@ -38,6 +38,16 @@ def test_second_launch_is_refused_then_replace_sets_the_old_run_aside(finished_r
     assert len(list((run_dir / "checkpoints").glob("step*.ckpt"))) == 1  # its own best checkpoint only
 
 
+def test_resume_auto_without_checkpoints_does_not_start_over_a_finished_run(finished_run, tmp_path):
+    _, finished = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(SFTLabError, match="no checkpoint to continue from"):
+        guard.claim(run_dir, resume="auto", replace=False)
+    guard.claim(tmp_path / "fresh", resume="auto", replace=False).release()  # a first launch is fine
+
+
 HOLD = """
 import sys
 from pathlib import Path

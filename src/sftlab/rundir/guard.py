@@ -117,6 +117,17 @@ def claim(run_dir: Path, resume: str | None, replace: bool) -> RunLock:
         if found and replace:
             aside = set_aside(run_dir)
             log.warning("replace=true: the earlier run in %s was moved to %s", run_dir, aside)
+        elif (
+            str(resume) == "auto"
+            and "checkpoints/" not in found
+            and set(found) & {"metrics.json", "adapter", "model"}
+        ):
+            # resume=auto without a checkpoint starts fresh: right for a first launch, not over a finished run
+            raise SFTLabError(
+                f"resume=auto: {str(run_dir)!r} holds a finished run ({', '.join(found)}) but no checkpoint "
+                "to continue from, and starting over would replace it. Use replace=true to start a new run "
+                "here (the old one is moved aside), or another hydra.run.dir."
+            )
         elif found and not resume:
             raise SFTLabError(
                 f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}). Continue it with "
