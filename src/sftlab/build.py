@@ -287,6 +287,7 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, quantized: bool 
     template = instantiate(cfg.template, _convert_="all")
     adapter_dir, full_dir = run / "adapter", run / "model"
     if (adapter_dir / "adapter_config.json").is_file():
+        read.check_adapter(adapter_dir)
         base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         quantization = adapter(cfg).quantization_config() if quantized else None

@@ -16,9 +16,11 @@ is checked like the shipped one, and a problem in one of its files names that fi
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.resources
 import inspect
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -66,6 +68,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a number >= 0",
     ),
     "scheduler.warmup": (lambda v: isinstance(v, int | float) and v >= 0, "a number >= 0 (< 1: a fraction)"),
+    "data.max_drop_ratio": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1,
+        "a fraction in [0, 1]",
+    ),
+    "data.val_fraction": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+        "a fraction in [0, 1)",
+    ),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "loss_chunk_size": (lambda v: v is None or _ge1(v), "an integer >= 1 (or null for one chunk)"),
@@ -238,12 +248,30 @@ def _simple_type(annotation: Any) -> tuple[type, ...] | None:
     return tuple(t for m in members for t in simple[m])
 
 
+def _forwarded_kwargs(obj: Any) -> set[str] | None:
+    """The keywords a class passes its **kwargs on to, where sftlab knows them: Lightning's WandbLogger hands
+    them to `wandb.init`, which rejects an unknown one with a TypeError inside `fit()`."""
+    if inspect.isclass(obj) and any(
+        c.__name__ == "WandbLogger" and c.__module__.startswith(("pytorch_lightning", "lightning"))
+        for c in obj.__mro__
+    ):
+        import wandb
+
+        own = {
+            n for c in obj.__mro__ if "__init__" in vars(c) for n in inspect.signature(c.__init__).parameters
+        }
+        return (own | set(inspect.signature(wandb.init).parameters)) - {"self", "args", "kwargs"}
+    return None
+
+
 def _signature(target: str) -> tuple[set[str] | None, dict[str, Any]]:
     """Accepted keyword names (None: accepts **kwargs) and type hints of a `_target_`."""
     obj = get_method(target)
     fn = obj.__init__ if inspect.isclass(obj) else obj
     params = inspect.signature(obj).parameters
     names = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set(params)
+    if names is None:
+        names = _forwarded_kwargs(obj)
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references in third-party code: skip type checks
@@ -343,11 +371,83 @@ def _check_paths(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
         if not isinstance(value, str) or not (value.endswith(DATA_SUFFIXES) or value.startswith("pkg://")):
             continue  # null, a hub dataset id or a list: checked when the data loads
         try:
-            exists = Path(paths.resolve(value, key=key)).is_file()
+            problem = _unreadable(Path(paths.resolve(value, key=key)))
         except SFTLabError:
-            exists = False
-        if not exists:
-            problems.append(f"{key}={value!r} ({origin.where(key)}): file not found.")
+            problem = "file not found."
+        if problem:
+            problems.append(f"{key}={value!r} ({origin.where(key)}): {problem}")
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a data file cannot be read, in words, or None when it can."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop (the link points back to itself); point to the real file."
+        if err.errno == errno.EACCES:
+            return "permission denied on a folder above it; fix its permissions or copy the file."
+        return "file not found."
+    if path.is_dir():
+        return "a folder, not a file; point to a .jsonl/.json/.csv/.parquet file inside it."
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied); fix its permissions (chmod u+r) or copy the file."
+    return None
+
+
+BUNDLED_DATA = "pkg://sftlab/resources/"
+
+
+def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    """Your training data with the bundled ISO-date validation/test sets (`data.train_path=...` without
+    `data=jsonl`) would early-stop and report on a task you are not training: refuse, naming the fix.
+    Training without any validation split has no best checkpoint and no early stopping: refuse before anything
+    loads."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig):
+        return
+    train, val, test = (data.get(f"{s}_path") for s in ("train", "val", "test"))
+    bundled = [
+        f"data.{s}_path"
+        for s, v in (("val", val), ("test", test))
+        if isinstance(v, str) and v.startswith(BUNDLED_DATA)
+    ]
+    train_reported = any(p.startswith("data.train_path=") for p in problems)  # one problem per key
+    if isinstance(train, str) and not train.startswith(BUNDLED_DATA) and bundled and not train_reported:
+        problems.append(
+            f"data.train_path={train!r} is your data but {' and '.join(bundled)} still point to the bundled "
+            f"ISO-date sets ({origin.where('data.train_path')}): add data=jsonl (validation held out from "
+            "your data, no test set) or set data.val_path / data.test_path to your own files."
+        )
+    if origin.config_name == "train" and val is None and not data.get("val_fraction"):
+        problems.append(
+            f"data.val_path=null and data.val_fraction={data.get('val_fraction')!r} "
+            f"({origin.where('data.val_fraction')}): training needs a validation split (best checkpoint, "
+            "early stopping). Set data.val_path=<file> or data.val_fraction=0.05."
+        )
+
+
+def _check_devices(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    """More CPU processes than cores multiplies the global batch and slows every step, never what was meant:
+    on CPU, `trainer.devices` is a number of processes, each with its own batch."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    devices, accelerator = trainer.get("devices"), trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _cuda_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cores:
+        problems.append(
+            f"trainer.devices={devices} ({origin.where('trainer.devices')}): on CPU each device is a process "
+            f"with its own batch of data.batch_size, and this machine has {cores} cores. Use "
+            f"trainer.devices<={cores} (1 for one process using every core)."
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
@@ -362,6 +462,8 @@ def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
     _check_rules(cfg, origin, problems)
     _check_paths(cfg, origin, problems)
     problems += device_problems(cfg, origin)
+    _check_data_mix(cfg, origin, problems)
+    _check_devices(cfg, origin, problems)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n{listing}")

@@ -64,14 +64,16 @@ def test_sftlab_eval_compares_base_and_tuned(adapter_run):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "base vs tuned" in proc.stdout and "error_analysis/no_stop_rate" in proc.stdout
-    results = json.loads((adapter_run / "eval" / "results.json").read_text())
+    (out,) = (adapter_run / "evals").iterdir()  # a folder of its own; the training-time eval/ is untouched
+    assert not (adapter_run / "eval").exists()
+    results = json.loads((out / "results.json").read_text())
     assert results["tuned"]["n"] == 3 and results["base"]["n"] == 3
     assert set(results["delta"]) >= {"exact_match", "rougeL", "error_analysis/refusal_rate"}
-    lines = (adapter_run / "eval" / "generations.jsonl").read_text().splitlines()
+    lines = (out / "generations.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["model"] for r in rows] == ["base"] * 3 + ["tuned"] * 3
-    assert all("errors" in r for r in rows) and (adapter_run / "eval" / "worst_tuned.md").is_file()
-    assert list((adapter_run / "eval").rglob("offline-run-*/run-*.wandb"))
+    assert all("errors" in r for r in rows) and (out / "worst_tuned.md").is_file()
+    assert list(out.rglob("offline-run-*/run-*.wandb"))
 
     # the tuned rows are the adapter model's greedy outputs, the base rows those of the model without it
     run = load_run(adapter_run)

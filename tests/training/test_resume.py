@@ -66,6 +66,7 @@ def _command(run_dir: Path, data: list[str], kill_at: int | None, extra: list[st
         "eval=none",
         *data,
         "data.batch_size=4",
+        "adapter.lora_dropout=0.1",  # dropout draws random numbers: without the RNG restore, resume diverges
         "trainer.precision=32",
         "trainer.max_epochs=2",
         "trainer.val_check_interval=2",

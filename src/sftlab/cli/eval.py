@@ -5,7 +5,9 @@ A Hydra app on conf/eval_run.yaml, so the `eval` group composes exactly as in `p
 come from the run (`sftlab.build.load_run`); `test_path=` evaluates another JSONL file. The base model is
 the same loaded model with its adapter disabled (peft's `disable_adapter`), so nothing is loaded twice; a full
 fine-tuning run loads its configured base separately. Results: <run>/eval/results.json, generations.jsonl,
-worst_<model>.md (error analysis), a printed table, and W&B tables with `wandb=true`.
+worst_<model>.md (error analysis), a printed table, and W&B tables with `wandb=true`. Each evaluation writes
+into a folder of its own, `<run>/evals/<date>_<time>/` (or `out_dir`), never over the training-time
+`<run>/eval/`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from peft import PeftModel
 
@@ -47,11 +51,30 @@ def evaluate_base(suite: EvalSuite, run: LoadedRun, device: torch.device | None 
     del base
 
 
+def results_dir(run_dir: Path, out_dir: str | None) -> Path:
+    """Where this evaluation writes: `out_dir`, else a folder of its own, `<run>/evals/<date>_<time>` (Hydra's
+    job directory for this command), so the training-time `<run>/eval/` that metrics.json summarizes is never
+    replaced. A folder that already holds results is refused, never overwritten."""
+    if out_dir:
+        out = Path(out_dir)
+    elif HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir)
+    else:
+        out = run_dir / "evals" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if (out / "results.json").exists():
+        raise SFTLabError(
+            f"out_dir={str(out)!r} already holds evaluation results (results.json); sftlab-eval does not "
+            "overwrite them. Pass another out_dir (or leave it unset: each evaluation gets "
+            "<run>/evals/<time>)."
+        )
+    return out
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = results_dir(Path(cfg.run), cfg.get("out_dir"))
     run = load_run(cfg.run, with_adapter=True)
     device = build.device_for(cfg.get("eval_device"))
     build.on_eval_device(run.model, device)  # loaded on the CPU; a GPU run is evaluated on the GPU
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run.run_dir / "eval"
     splits = load_splits(run, cfg.test_path)
     suite = build_suite(cfg.get("eval"), run.tokenizer, run.template, splits, out_dir)
     if suite is None:

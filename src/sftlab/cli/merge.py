@@ -14,7 +14,6 @@ the adapter model is measured on a probe prompt, printed and written to `merge_r
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from sftlab.errors import ConfigError, SFTLabError
 from sftlab.model.generate import stop_token_ids
 from sftlab.model.load import DTYPES
 from sftlab.rundir.read import MERGED_CONFIG
-from sftlab.rundir.write import write_json
+from sftlab.rundir.write import atomic_dir, write_json
 
 log = logging.getLogger("sftlab.merge")
 
@@ -123,19 +122,62 @@ def write_merged(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict
     write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
 
 
+MERGE_OUTPUT_FILES = (MERGED_CONFIG, "merge_report.json")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that would destroy anything but an earlier merge output: the run itself, a folder
+    holding it, another run, a folder of other files. Nothing is deleted here; the swap happens after the new
+    output is complete (`atomic_dir`)."""
+    run, target = run_dir.resolve(), out.resolve()
+    if _within(run, target):
+        raise ConfigError(
+            f"out={str(out)!r} is (or contains) the input run {str(run_dir)!r}; choose an out outside it, "
+            f"e.g. the default {str(run_dir / 'merged')!r}."
+        )
+    for above in [target, *target.parents]:
+        is_run = (above / "config.yaml").is_file() and any(
+            (above / d).is_dir() for d in ("adapter", "model", "checkpoints")
+        )
+        if above != run and is_run:
+            raise ConfigError(
+                f"out={str(out)!r} is inside another run directory ({str(above)!r}); "
+                "choose an out outside it."
+            )
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a file, not a directory; choose another out.")
+    if target.is_dir() and any(target.iterdir()):
+        if not _is_merge_output(target):
+            raise ConfigError(
+                f"out={str(out)!r} holds files that are not an sftlab-merge output; sftlab-merge "
+                "replaces only its own earlier output (with overwrite=true). Choose an empty or new out."
+            )
+        if not overwrite:
+            raise SFTLabError(f"out={str(out)!r} holds an earlier merge; pass overwrite=true or another out.")
+
+
+def _is_merge_output(folder: Path) -> bool:
+    """A folder written by sftlab-merge, and nothing else: its files, the HF model files, no sub-folders."""
+    return any((folder / name).is_file() for name in MERGE_OUTPUT_FILES) and not any(
+        p.is_dir() for p in folder.iterdir()
+    )
+
+
 def merge(args: MergeArgs) -> Path:
     if args.base not in ("dequantized", "original"):
         raise ConfigError(f"base={args.base!r}: use base=dequantized or base=original.")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ConfigError(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
     out = Path(args.out) if args.out else Path(args.run) / "merged"
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise SFTLabError(f"out={str(out)!r} is not empty; pass overwrite=true or another out.")
-        shutil.rmtree(out)
+    check_out(Path(args.run), out, args.overwrite)
     model, run, report = merged_model(args)
-    out.mkdir(parents=True, exist_ok=True)
-    write_merged(out, model, run, report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:  # an existing output is replaced only once the new one is complete
+        write_merged(tmp, model, run, report)
     log.info(
         "Merged model written to %s (logits max |diff| vs the adapter model: %.3g)",
         out,

@@ -10,12 +10,15 @@ answered before torch, Lightning or transformers load (`run` imports them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -39,6 +42,23 @@ def is_rank_zero() -> bool:
 
 
 def run(cfg: DictConfig) -> float:
+    """Check the config, claim the run directory (rank zero), train."""
+    from sftlab import build
+    from sftlab.rundir import guard, write
+
+    run_dir = Path(cfg.paths.output_dir)
+    source = build.preflight(cfg, run_dir)
+    lock = guard.claim(run_dir, cfg.get("resume"), bool(cfg.get("replace"))) if is_rank_zero() else None
+    try:
+        if lock is not None:
+            write.write_hydra_record(run_dir, cfg)
+        return train(cfg, source)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(cfg: DictConfig, source: str) -> float:
     import pytorch_lightning as pl
 
     from sftlab import build
@@ -49,21 +69,25 @@ def run(cfg: DictConfig) -> float:
     from sftlab.training import checkpoint, loggers
 
     started, run_dir = time.time(), Path(cfg.paths.output_dir)
-    source = build.preflight(cfg, run_dir)
-    if is_rank_zero():
-        console.print_config(cfg)
-        write.write_config(run_dir, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     parts = build.parts(cfg, source)
     if cfg.data.get("audit") and is_rank_zero():  # rank 0 runs first: failing here, no other rank starts
         data_cli.audit_before_training(cfg, parts, run_dir / "audit")
     datamodule = build.datamodule(parts)
     suite = build.suite(cfg.get("eval"), parts, datamodule.splits, run_dir / "eval")
+    # Before the model loads: a resume that cannot be honoured fails in seconds, naming each difference.
+    resume_from = checkpoint.resolve_resume(cfg.get("resume"), run_dir)
+    settings = checkpoint.run_settings(cfg, datamodule.splits["train"].examples)
+    checkpoint.check_resume(resume_from, settings)
+    if is_rank_zero():
+        console.print_config(cfg)
+        write.write_config(run_dir, cfg)
 
     option = build.adapter(cfg)
     model = build.base_model(parts, option)
     run_loggers = loggers.make_loggers(cfg.get("logger"))
     trainer = build.trainer(cfg, run_loggers)  # first: it knows the device this process trains on
+    trainer.callbacks.append(checkpoint.ResumeSettings(settings))  # the run's own record, not a config choice
     evals = {}
     if is_rank_zero() and suite and suite.compare_base:
         evals = suite.run(build.on_eval_device(model, build.eval_device(cfg, trainer)), "base")
@@ -82,7 +106,7 @@ def run(cfg: DictConfig) -> float:
         trainer.fit(
             module,
             datamodule=datamodule,
-            ckpt_path=checkpoint.resolve_resume(cfg.get("resume"), run_dir),
+            ckpt_path=resume_from,
             weights_only=True,
         )
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
@@ -114,6 +138,37 @@ def run(cfg: DictConfig) -> float:
     return metrics["val"]["best_loss"]
 
 
+def _record_failed_job(run_dir: Path, cfg: DictConfig) -> None:
+    """A sweep job's directory is its own: keep Hydra's record of it (read by sftlab-report) even when the
+    job failed before the run directory was claimed."""
+    from sftlab.rundir import write
+
+    if not (run_dir / write.HYDRA_RECORD).exists():
+        write.write_hydra_record(run_dir, cfg)
+
+
+def refuse_secret_overrides(main: Callable[..., Any]) -> Callable[..., Any]:
+    """A credential typed as an override lands in the shell history, `ps`, Hydra's messages and records:
+    refuse it before Hydra sees it, and point to the environment variable the libraries read."""
+
+    @functools.wraps(main)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from sftlab.rundir.redact import secret_override
+
+        keys = [k for k in map(secret_override, sys.argv[1:]) if k]
+        if keys:
+            sys.exit(
+                f"Error: {', '.join(keys)}: a secret on the command line is kept in your shell history and "
+                "visible to other users (ps). Set it in the environment instead (HF_TOKEN for the "
+                "Hugging Face hub, WANDB_API_KEY or `wandb login` for W&B); sftlab masks such values in "
+                "what it writes."
+            )
+        return main(*args, **kwargs)
+
+    return checked
+
+
+@refuse_secret_overrides
 @plugins.require_for_command_line
 @hydra.main(version_base="1.3", config_path=str(paths.config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
@@ -122,6 +177,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as err:
         if sweep.in_sweep():
             # One failing sweep job must not stop the others: logged, error.txt in its dir, NaN returned.
+            _record_failed_job(Path(cfg.paths.output_dir), cfg)
             return sweep.record_failure(Path(cfg.paths.output_dir), err)
         if not isinstance(err, SFTLabError):
             raise

@@ -47,3 +47,15 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, str):
         return _mask_text(obj, secrets)
     return obj
+
+
+def secret_override(arg: str) -> str | None:
+    """The key of a command-line override that sets a credential-looking key (`+model.hf_token=...`,
+    `logger.wandb.api_key=...`), else None."""
+    key, eq, _ = arg.lstrip("+~").partition("=")
+    return key if eq and SECRET_KEY.search(key.rpartition(".")[2]) else None
+
+
+def redact_override(arg: str) -> str:
+    """An override as given, its value masked when its key holds a credential."""
+    return f"{arg.partition('=')[0]}={MASK}" if secret_override(arg) else arg

@@ -5,9 +5,11 @@ Everything a finished run needs to be reused is written here, loadable with plai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
-from sftlab.rundir.redact import redact
+from sftlab.rundir.redact import redact, redact_override, secret_override, secret_values
 
 MIN_FREE_BYTES = (
     1 << 30
@@ -62,6 +64,53 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)), encoding="utf-8")
 
 
+HYDRA_RECORD = ".hydra"
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/` (config.yaml, hydra.yaml, overrides.yaml) as Hydra writes it at job start, but with secrets
+    masked, and written by sftlab only once the run directory is claimed: Hydra's own write
+    (`hydra.output_subdir`, null in conf/hydra/default.yaml) would rewrite the record of an existing run even
+    for a launch that is then refused."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return  # composed outside a Hydra app (tests, the bench): there is no Hydra record to write
+    hydra_cfg = OmegaConf.to_container(HydraConfig.get(), resolve=False)
+    given = hydra_cfg["overrides"]["task"] + hydra_cfg["overrides"]["hydra"]
+    # A secret's value also appears in derived strings (job.override_dirname): mask it wherever it is.
+    secrets = secret_values() + [o.partition("=")[2] for o in given if secret_override(o)]
+    hydra_cfg["overrides"]["task"] = [redact_override(o) for o in hydra_cfg["overrides"]["task"]]
+    hydra_cfg["overrides"]["hydra"] = [redact_override(o) for o in hydra_cfg["overrides"]["hydra"]]
+    out = run_dir / HYDRA_RECORD
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in (
+        ("config.yaml", redact(OmegaConf.to_container(cfg, resolve=False), secrets)),
+        ("hydra.yaml", {"hydra": redact(hydra_cfg, secrets)}),
+        ("overrides.yaml", hydra_cfg["overrides"]["task"]),
+    ):
+        (out / name).write_text(OmegaConf.to_yaml(OmegaConf.create(data)), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; when the block completes, it replaces `target` (the old one
+    is renamed away first and deleted only after the swap). A kill or error inside the block leaves `target`
+    as it was: a reader never finds half a directory (an adapter without its tokenizer)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model(
     run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
 ) -> Path:
@@ -71,14 +120,15 @@ def save_model(
     `apply_chat_template(..., add_generation_prompt=True)` renders exactly the training prompt.
     """
     out = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
-    if isinstance(model, PeftModel):
-        # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
-        # inside the adapter and re-created deterministically on load (sftlab.model.tokens): a small adapter.
-        model.save_pretrained(out, save_embedding_layers=False)
-    else:
-        model.save_pretrained(out)
-    tokenizer.chat_template = template.to_jinja()
-    tokenizer.save_pretrained(out)
+    with atomic_dir(out) as tmp:
+        if isinstance(model, PeftModel):
+            # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
+            # inside the adapter and re-created deterministically on load (sftlab.model.tokens): small.
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.chat_template = template.to_jinja()
+        tokenizer.save_pretrained(tmp)
     return out
 
 

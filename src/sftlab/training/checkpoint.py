@@ -9,15 +9,18 @@ that copy leaves a truncated file. Here the temporary file sits beside the targe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, SFTLabError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,14 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return None
     if str(resume) == "auto":
         found = find_resume_checkpoint(run_dir / "checkpoints")
+        present = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        if found is None and present:
+            # Starting over here would overwrite the run whose checkpoints could not be read.
+            raise SFTLabError(
+                f"resume=auto: none of the checkpoints in {run_dir / 'checkpoints'} can resume training "
+                f"({', '.join(present)}: unreadable or weights-only; the log above says which). Pass a "
+                "readable one with resume=<path>, or start a new run in another hydra.run.dir."
+            )
         if found is None:
             log.info("resume=auto: no checkpoint in %s; starting a fresh run", run_dir / "checkpoints")
             return None
@@ -114,7 +125,20 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
             f"resume={resume!r}: no such checkpoint file. Pass a .ckpt path, or resume=auto "
             "with hydra.run.dir=<the run directory to continue>."
         )
+    load_checkpoint(path if path.is_file() else _deepspeed_states(path), what=f"resume={resume!r}")
     return str(path)
+
+
+def load_checkpoint(path: str | Path, what: str) -> dict[str, Any]:
+    """torch.load a checkpoint as data, or one message naming the file when it is truncated or not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, a foreign pickle, a text file: one answer for all
+        raise SFTLabError(
+            f"{what}: {path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:120]}). It is "
+            "truncated (a disk filled up or a copy was cut short) or not a PyTorch checkpoint; pass another "
+            "one (resume=auto picks the newest readable checkpoint of the run directory)."
+        ) from None
 
 
 def trainable_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -122,7 +146,7 @@ def trainable_weights(path: str | Path) -> dict[str, torch.Tensor]:
     file, or a DeepSpeed directory (its fp32 master weights, the same precision a file holds)."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return load_checkpoint(path, what="the best checkpoint")["state_dict"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
@@ -140,3 +164,131 @@ def restore_best(module: torch.nn.Module, best_path: str | None) -> bool:
         raise RuntimeError(f"checkpoint {best_path} has weights this model lacks: {sorted(missing)[:3]} ...")
     module.load_state_dict(state, strict=False)
     return True
+
+
+# ---- what a resumed run depends on ---------------------------------------------------------------------
+SETTINGS_KEY = "sftlab_settings"
+# The sample plan, the schedule's length and the adapter's shape depend on these: a resume that changes one
+# would continue a different run than the checkpoint's (or fail in load_state_dict). The learning rate alone
+# is honoured: the restored optimizer and scheduler are rescaled to it from the resume point.
+SETTING_KEYS = (
+    "model.name_or_path",
+    "adapter",
+    "optimizer",
+    "scheduler",
+    "data.batch_size",
+    "data.max_length",
+    "data.packing",
+    "trainer.accumulate_grad_batches",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "seed",
+)
+SAFE_CHANGES = ("optimizer.lr",)
+DATA_KEY = "data (tokenized train split, sha256)"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def run_settings(cfg: Any, train_examples: list[Any]) -> dict[str, Any]:
+    """The settings a checkpoint's training trajectory depends on, flat (`adapter.r`, `optimizer.lr`), plus a
+    hash of the tokenized training split: a changed data file, template or tokenizer shows there."""
+    from omegaconf import OmegaConf
+
+    flat: dict[str, Any] = {}
+    for key in SETTING_KEYS:
+        node = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        _flatten(key, value, flat)
+    digest = hashlib.sha256()
+    for ex in train_examples:
+        digest.update(json.dumps([list(ex.input_ids), list(ex.labels)]).encode())
+    flat[DATA_KEY] = digest.hexdigest()
+    return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in flat.items()}
+
+
+def check_resume(ckpt_path: str | None, settings: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Compare this launch's settings with those recorded in the checkpoint it resumes from.
+
+    Returns the safe changes honoured ({key: (checkpoint's, now)}); raises one ConfigError naming every other
+    difference. A checkpoint without a record (written by an older sftlab) is resumed with a warning."""
+    if not ckpt_path:
+        return {}
+    recorded = load_checkpoint(ckpt_path, what="resume").get(SETTINGS_KEY)
+    if recorded is None:
+        log.warning("resume: %s records no run settings; cannot check that this launch matches it", ckpt_path)
+        return {}
+    diffs = {
+        k: (recorded.get(k, "<absent>"), settings.get(k, "<absent>"))
+        for k in sorted(set(recorded) | set(settings))
+        if recorded.get(k, "<absent>") != settings.get(k, "<absent>")
+    }
+    unsafe = {k: v for k, v in diffs.items() if k not in SAFE_CHANGES}
+    if unsafe:
+        listing = "\n".join(
+            f"  - {k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in unsafe.items()
+        )
+        raise ConfigError(
+            f"resume from {ckpt_path}: this launch differs from the run it would continue in what the "
+            f"checkpoint depends on ({len(unsafe)} difference(s)):\n{listing}\n"
+            "Put these settings back to the checkpoint's values to resume, or start a new run "
+            "(another hydra.run.dir, or replace=true). Only optimizer.lr may change on resume."
+        )
+    for k, (old, new) in diffs.items():
+        log.warning("resume: %s changed from %r to %r; applied from the resume point on", k, old, new)
+    return diffs
+
+
+class ResumeSettings(pl.Callback):
+    """Writes the run's settings into every checkpoint, applies a changed learning rate on resume, and
+    refuses to save weights that are no longer finite (a resume from them could only diverge again)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        bad = [
+            k
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:
+            raise NonFiniteWeightsError(
+                f"optimizer step {trainer.global_step}: {len(bad)} trainable tensor(s) hold NaN or inf "
+                f"(e.g. {bad[0]}); this checkpoint was not written, so the checkpoints on disk still hold "
+                "finite weights. Resume with resume=auto and a lower optimizer.lr (applied from the resume "
+                "point), or trainer.precision=32."
+            )
+        checkpoint[SETTINGS_KEY] = self.settings
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
+        old = (checkpoint.get(SETTINGS_KEY) or {}).get("optimizer.lr")
+        new = self.settings.get("optimizer.lr")
+        if old and new and old != new:
+            rescale_lr(checkpoint, new / old)
+
+
+def rescale_lr(checkpoint: dict, ratio: float) -> None:
+    """Multiply every learning rate the optimizer and scheduler states hold (current, initial, base) by
+    `ratio`: the schedule continues its shape from the resume point at the new peak rate."""
+    for state in checkpoint.get("optimizer_states") or []:
+        for group in state.get("param_groups", []):
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] = group[key] * ratio
+    for state in checkpoint.get("lr_schedulers") or []:
+        for key in ("base_lrs", "_last_lr"):
+            if key in state:
+                state[key] = [lr * ratio for lr in state[key]]
+
+
+class NonFiniteWeightsError(SFTLabError):
+    """Trainable weights became NaN or infinite; they are not saved."""
