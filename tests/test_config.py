@@ -49,6 +49,8 @@ INVALID = [
     (["trainer.max_steps=0"], "trainer.max_steps=0", "-1 for no limit"),
     (["scheduler.kind=exponential"], "scheduler.kind='exponential'", "cosine, linear, constant"),
     (["scheduler.warmup=-1"], "scheduler.warmup=-1", ">= 0"),
+    (["data.reasoning=keep"], "data.reasoning='keep'", "keep_last, keep_all, drop"),
+    (["eval=generate", "eval.generate.reasoning=hide"], "eval.generate.reasoning='hide'", "strip, show"),
     (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key", "pytorch_lightning.Trainer accepts"),
 ]
 

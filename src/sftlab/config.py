@@ -85,6 +85,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.truncation": ("truncate", "drop"),
     "data.train_on": ("all_assistant", "last_assistant", "all"),
     "scheduler.kind": ("cosine", "linear", "constant"),
+    # the data and eval modules check these too, but only once the data is read or the model has trained
+    "data.reasoning": ("keep_last", "keep_all", "drop"),
+    "eval.generate.reasoning": ("strip", "show"),
 }
 
 
