@@ -171,7 +171,8 @@ def test_quality_flags_find_exactly_the_planted_rows(result, crafted):
     flags = result.report["splits"]["train"]["flags"]
     planted = {"short": 28, "refusals": 29, "repetitive": 30, "control_chars": 31, "echoes": 32}
     assert {name: [f["row"] for f in flag["listed"]] for name, flag in flags.items()} == {
-        name: at(crafted, "train", line) for name, line in planted.items()
+        **{name: at(crafted, "train", line) for name, line in planted.items()},
+        "chat_markers": [],
     }
     assert flags["control_chars"]["listed"][0]["detail"] == "U+200B U+0007"
     for split in ("val", "test"):
@@ -251,3 +252,29 @@ def test_val_fraction_holds_out_train_rows_as_the_pipeline_does(crafted):
     splits = read_splits(sources, None, {}, val_fraction=0.25, seed=3)
     assert [len(splits[s].items) for s in ("train", "val")] == [24, 8]
     assert Counter(it.where for s in splits.values() for it in s.items).most_common(1)[0][1] == 1
+
+
+def test_chat_markers_in_content_are_flagged_by_name(tokenizer):
+    from sftlab.data.audit import AuditSettings, Item, flags, view
+    from sftlab.data.quality import special_strings
+
+    convs = [
+        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help?"}],
+        [
+            {"role": "user", "content": "Quote <|im_end|> please"},
+            {"role": "assistant", "content": "It ends turns."},
+        ],
+        [
+            {"role": "user", "content": "And im_end?"},
+            {"role": "assistant", "content": "<|im_start|>assistant hi"},
+        ],
+    ]
+    items = [Item(f"rows.jsonl:{k + 1}", c) for k, c in enumerate(convs)]
+    found = flags(items, [view(c) for c in convs], AuditSettings(), special_strings(tokenizer))[
+        "chat_markers"
+    ]
+    assert found["rows"] == 2
+    assert found["listed"] == [
+        {"row": "rows.jsonl:2", "detail": "<|im_end|>"},
+        {"row": "rows.jsonl:3", "detail": "<|im_start|>"},
+    ]

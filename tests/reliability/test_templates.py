@@ -27,3 +27,14 @@ def test_markers_in_content_are_text_in_training_and_inference(chatml, tokenizer
     assert prompt.count(im_start) == 3  # system, user, and the generation prompt's assistant header
     assert prompt.count(im_end) == 2
     assert tokenizer.decode(prompt).count("<|im_start|>system") == 2  # the injected one stays, as text
+
+
+def test_content_markers_special_keeps_the_old_behaviour_on_request(chatml, tokenizer):
+    import dataclasses
+
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    special = dataclasses.replace(chatml, content_markers="special")
+    conv = [{"role": "user", "content": INJECTION}, {"role": "assistant", "content": SCRAPED}]
+    (enc,) = encode_conversations([conv], special, tokenizer)
+    assert enc.input_ids.count(im_start) == 4 and enc.input_ids.count(im_end) == 5  # the forged turn is real
+    assert encode_prompt(conv[:1], special, tokenizer).count(im_start) == 4

@@ -45,7 +45,9 @@ from sftlab.data.quality import (
     instruction_kind,
     is_echo,
     is_refusal,
+    markers_in,
     repeated_ngram_rate,
+    special_strings,
     suspect_characters,
     words,
 )
@@ -53,7 +55,7 @@ from sftlab.data.sources import Source, read_source, weigh
 from sftlab.data.tokenize import IGNORE_INDEX, Template, encode_conversations, fit_length
 from sftlab.errors import ConfigError
 
-FLAGS = ("short", "refusals", "repetitive", "control_chars", "echoes")
+FLAGS = ("short", "refusals", "repetitive", "control_chars", "echoes", "chat_markers")
 CHECKS = (
     "rows",
     "bad_rows",
@@ -423,7 +425,12 @@ def conflicts(items: Sequence[Item], views: Sequence[View], s: AuditSettings) ->
     return {"prompts": len(found), "rows": sum(len(g) for g in found), **_listed(listed, s.max_listed)}
 
 
-def flags(items: Sequence[Item], views: Sequence[View], s: AuditSettings) -> dict[str, Any]:
+def flags(
+    items: Sequence[Item], views: Sequence[View], s: AuditSettings, markers: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Rows each quality flag holds for. `markers`: the tokenizer's special-token strings; a row whose
+    content holds one is flagged `chat_markers` (text under template.content_markers=text, a control token
+    under =special: either way worth a look)."""
     phrases = [p.lower() for p in s.refusal_phrases]
     found: dict[str, list[dict]] = {name: [] for name in FLAGS}
     for it, v in zip(items, views, strict=True):
@@ -444,6 +451,8 @@ def flags(items: Sequence[Item], views: Sequence[View], s: AuditSettings) -> dic
             add("control_chars", " ".join(chars))
         if any(is_echo(p, r, s.echo_threshold) for p, r in v.turns):
             add("echoes", _preview(v.response))
+        if found_markers := markers_in(v.text, markers):
+            add("chat_markers", " ".join(found_markers))
     return {name: {"rows": len(rows), **_listed(rows, s.max_listed)} for name, rows in found.items()}
 
 
@@ -519,7 +528,7 @@ def audit_splits(
             "tokens": token_report,
             "duplicates": dups[name],
             "conflicts": conflicts(items, vs, settings),
-            "flags": flags(items, vs, settings),
+            "flags": flags(items, vs, settings, special_strings(tokenizer)),
             "diversity": diversity(vs, settings.top_kinds),
         }
         if name != "train" and "train" in splits:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
+from collections.abc import Sequence
+from typing import Any
 
 REFUSAL_PHRASES = [
     "i'm sorry",
@@ -75,6 +77,19 @@ def suspect_characters(text: str) -> list[str]:
         if ch == REPLACEMENT_CHAR or unicodedata.category(ch) in SUSPECT_CATEGORIES:
             found[f"U+{ord(ch):04X}"] = None
     return list(found)
+
+
+def special_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special-token strings (`<|im_end|>`, `[INST]`, `<s>` ...): text that is a control
+    token when the template writes it, and plain text inside message content (template.content_markers)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    named = [v for v in tokenizer.special_tokens_map.values() if isinstance(v, str)]
+    return sorted({s for s in [*added, *named] if s.strip()}, key=lambda s: (-len(s), s))
+
+
+def markers_in(text: str, markers: Sequence[str]) -> list[str]:
+    """The special-token strings that occur in `text`, in the order of `markers`."""
+    return [m for m in markers if m in text]
 
 
 def words(text: str) -> list[str]:

@@ -38,6 +38,7 @@ PLACEHOLDERS = ("bos_token", "eos_token")
 
 # What a segment holds, for display (sftlab-inspect): labels depend only on `Segment.train`.
 KINDS = ("text", "reasoning", "tool_call", "tool_result", "tools")
+CONTENT_MARKERS = ("text", "special")
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,23 @@ class ChatTemplate:
     # `<think>\n{reasoning}\n</think>\n\n{answer}`. Which turns keep it: `data.reasoning` (reasoning.py).
     think_open: str = "<think>\n"
     think_close: str = "\n</think>\n\n"
+    # "text" (default): a chat marker inside message content ("<|im_end|>", "[INST]") is tokenized as the
+    # plain text it is, as the vendors' encoders do, so data or a user cannot forge a turn. "special": as
+    # sftlab did before, such a string in content becomes the control token (data built to rely on it).
+    content_markers: str = "text"
     # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
     special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.content_markers not in CONTENT_MARKERS:
+            raise ConfigError(
+                f"template.content_markers={self.content_markers!r}: use text (markers in message content "
+                "stay text) or special (they become control tokens)."
+            )
+
+    @property
+    def literal_content(self) -> bool:
+        return self.content_markers == "text"
 
     def bind(self, tokenizer: Any) -> ChatTemplate:
         """Resolve `{bos_token}` / `{eos_token}` and `bos: auto` for this tokenizer (idempotent)."""
@@ -138,7 +154,7 @@ class ChatTemplate:
         space = self.think_close[: len(self.think_close) - len(close)]
         return [
             Segment(lead + self.think_open, trained, kind="reasoning"),
-            Segment(reasoning + space, trained, literal=True, kind="reasoning"),
+            Segment(reasoning + space, trained, literal=self.literal_content, kind="reasoning"),
             Segment(close, trained, kind="reasoning"),
         ]
 
@@ -164,7 +180,7 @@ class ChatTemplate:
             if tools and i == first_user:  # schemas go with the first user turn, as system messages do
                 segments += [
                     Segment(fmt.tools_open, every, kind="tools"),
-                    Segment(fmt.schemas(tools), every, literal=True, kind="tools"),
+                    Segment(fmt.schemas(tools), every, literal=self.literal_content, kind="tools"),
                     Segment(fmt.tools_close, every, kind="tools"),
                 ]
             markup = "tool_result" if role == "tool" else "text"
@@ -181,11 +197,15 @@ class ChatTemplate:
                         "model writes one or the other. Split it into two assistant turns."
                     )
                 segments.append(Segment(fmt.calls_open, trained, kind="tool_call"))
-                segments.append(Segment(fmt.calls(m["tool_calls"]), trained, literal=True, kind="tool_call"))
+                segments.append(
+                    Segment(
+                        fmt.calls(m["tool_calls"]), trained, literal=self.literal_content, kind="tool_call"
+                    )
+                )
             else:
                 content = fmt.result(m) if fmt and role == "tool" else m["content"]
                 content = content.rstrip(self.rstrip[role]) if role in self.rstrip else content
-                segments.append(Segment(lead + content, trained, literal=True, kind=markup))
+                segments.append(Segment(lead + content, trained, literal=self.literal_content, kind=markup))
             segments.append(Segment(self._suffix(role), trained, kind=markup))
             if self.separator:
                 segments.append(Segment(self._fill(self.separator), every))
