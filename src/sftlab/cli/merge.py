@@ -9,6 +9,9 @@ base, i.e. the very weights it was trained against, so the merged model computes
 `base=original` merges into the original-precision weights instead (the adapter then also "undoes" the
 quantization error it learned around). Either way the largest logits difference between the merged model and
 the adapter model is measured on a probe prompt, printed and written to `merge_report.json`.
+
+`format=gguf quant=f16|bf16|q8_0|...` writes a GGUF file + Ollama Modelfile instead, checked by loading it
+back (sftlab.export; docs/export.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from sftlab import export
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.tokenize import encode_prompt
@@ -45,13 +49,16 @@ PROBE = [
 class MergeArgs:
     """run: a train.py run directory. out: where to write (default <run>/merged). dtype: weights to save
     (default: the run's model.dtype). base: dequantized | original (quantized runs only). overwrite: replace
-    an existing out directory."""
+    an existing out directory. format: hf (a Hugging Face directory) | gguf (default out <run>/gguf-<quant>).
+    quant: the GGUF weight type (f16, bf16, q8_0, f32, q5_1, q5_0, q4_1, q4_0)."""
 
     run: str = "???"
     out: str | None = None
     dtype: str | None = None
     base: str = "dequantized"
     overwrite: bool = False
+    format: str = "hf"
+    quant: str = "f16"
 
 
 @torch.no_grad()
@@ -128,12 +135,19 @@ def merge(args: MergeArgs) -> Path:
         raise ConfigError(f"base={args.base!r}: use base=dequantized or base=original.")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ConfigError(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
-    out = Path(args.out) if args.out else Path(args.run) / "merged"
+    if args.format not in ("hf", "gguf"):
+        raise ConfigError(f"format={args.format!r}: use format=hf or format=gguf.")
+    if args.format == "gguf":
+        export.check_quant(args.quant)
+    default_out = "merged" if args.format == "hf" else f"gguf-{args.quant}"
+    out = Path(args.out) if args.out else Path(args.run) / default_out
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise SFTLabError(f"out={str(out)!r} is not empty; pass overwrite=true or another out.")
         shutil.rmtree(out)
     model, run, report = merged_model(args)
+    if args.format == "gguf":
+        return export_gguf(out, model, run, report, args.quant)
     out.mkdir(parents=True, exist_ok=True)
     write_merged(out, model, run, report)
     log.info(
@@ -145,6 +159,21 @@ def merge(args: MergeArgs) -> Path:
         f"merged: {out}\nlogits max |diff| vs adapter model: {report['logits_max_abs_diff']:.3g} "
         f"(greedy agreement {report['greedy_next_token_agreement']:.3f})\nserve: vllm serve {out}  "
         f"or  sftlab-serve run={out}"
+    )
+    return out
+
+
+def export_gguf(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict, quant: str) -> Path:
+    name = Path(run.run_dir).resolve().name
+    summary = export.export_gguf(out, model, run.tokenizer, run.template, run.cfg, quant, report, name)
+    v = summary["verification"]
+    print(
+        f"gguf: {out / summary['gguf']['path']} ({summary['gguf']['bytes'] / 1e6:.0f} MB, {quant})\n"
+        f"verified by reloading with transformers: logits max |diff| {v['logits_max_abs_diff']:.3g} "
+        f"(limit {v['tolerance']['max']:g}), argmax agreement {v['argmax_agreement']:.3f}, greedy answers "
+        f"same {v['greedy_same']}, tokenizer ids equal {v['checks']['tokenizer_ids_equal']}\n"
+        f"ollama: cd {out} && ollama create {name} -f Modelfile\n"
+        f"llama.cpp: llama-cli -m {out / summary['gguf']['path']} -cnv   (uses the training chat template)"
     )
     return out
 
