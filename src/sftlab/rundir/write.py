@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
+from sftlab.model.load import ORIGIN_FILE
 from sftlab.rundir.redact import redact
 
 MIN_FREE_BYTES = (
@@ -62,6 +63,13 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)), encoding="utf-8")
 
 
+def copy_base_origin(model: PeftModel, adapter_dir: Path) -> None:
+    """adapter/base_origin.json: how sftlab built a cache-only base, so the adapter is loadable elsewhere."""
+    base = Path(str(model.peft_config["default"].base_model_name_or_path))
+    if (base / ORIGIN_FILE).is_file():
+        shutil.copyfile(base / ORIGIN_FILE, adapter_dir / "base_origin.json")
+
+
 def save_model(
     run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
 ) -> Path:
@@ -75,6 +83,7 @@ def save_model(
         # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
         # inside the adapter and re-created deterministically on load (sftlab.model.tokens): a small adapter.
         model.save_pretrained(out, save_embedding_layers=False)
+        copy_base_origin(model, out)
     else:
         model.save_pretrained(out)
     tokenizer.chat_template = template.to_jinja()
