@@ -221,3 +221,13 @@ def test_fifty_concurrent_clients_get_answers_or_503_never_a_reset(url):
     assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
     first = next(r for r in responses if r.status_code == 200)
     assert first.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_merged_directory_is_routed_to_vllm_and_transformers_serve(tmp_path):
+    from sftlab.cli.serve import engine_commands
+
+    merged = tmp_path / "merged"
+    assert engine_commands(merged, "iso") == [
+        f"vllm serve {merged} --served-model-name iso --chat-template {merged}/chat_template.jinja",
+        f"transformers serve {merged}",
+    ]
