@@ -18,9 +18,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("llama_cpp") is None,
-        reason="llama-cpp-python is not installed: it compiles llama.cpp from source (no wheel for this "
-        "platform), which took over an hour of a shared 2-core machine; `pip install llama-cpp-python` "
-        "where a compiler and the time are at hand",
+        reason="llama-cpp-python is not installed: it has no wheel here and compiles llama.cpp from source "
+        "(about 330 C/C++ files); on the shared 2-core machine the build ran over 75 minutes without "
+        "finishing. `pip install llama-cpp-python` where a compiler and the time are at hand",
     ),
 ]
 
