@@ -37,6 +37,7 @@ from sftlab.model.load import (
     load_model,
     load_tokenizer,
     model_source,
+    resolve_base,
 )
 from sftlab.model.tokens import add_special_tokens, fit_embeddings
 from sftlab.rundir import read, write
@@ -289,6 +290,7 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, quantized: bool 
     if (adapter_dir / "adapter_config.json").is_file():
         read.check_adapter(adapter_dir)
         base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = resolve_base(base, cfg.model)  # a cache-built base missing here is rebuilt
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         quantization = adapter(cfg).quantization_config() if quantized else None
         model = load_model(cfg.model, base, quantization_config=quantization)

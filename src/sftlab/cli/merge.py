@@ -9,6 +9,9 @@ base, i.e. the very weights it was trained against, so the merged model computes
 `base=original` merges into the original-precision weights instead (the adapter then also "undoes" the
 quantization error it learned around). Either way the largest logits difference between the merged model and
 the adapter model is measured on a probe prompt, printed and written to `merge_report.json`.
+
+`format=gguf quant=f16|bf16|q8_0|...` writes a GGUF file + Ollama Modelfile instead, checked by loading it
+back (sftlab.export; docs/export.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from sftlab import export
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.tokenize import encode_prompt
@@ -44,13 +48,16 @@ PROBE = [
 class MergeArgs:
     """run: a train.py run directory. out: where to write (default <run>/merged). dtype: weights to save
     (default: the run's model.dtype). base: dequantized | original (quantized runs only). overwrite: replace
-    an existing out directory."""
+    an existing out directory. format: hf (a Hugging Face directory) | gguf (default out <run>/gguf-<quant>).
+    quant: the GGUF weight type (f16, bf16, q8_0, f32, q5_1, q5_0, q4_1, q4_0)."""
 
     run: str = "???"
     out: str | None = None
     dtype: str | None = None
     base: str = "dequantized"
     overwrite: bool = False
+    format: str = "hf"
+    quant: str = "f16"
 
 
 @torch.no_grad()
@@ -122,7 +129,7 @@ def write_merged(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict
     write_json(out / "merge_report.json", {**report, "stop_token_ids": stops})
 
 
-MERGE_OUTPUT_FILES = (MERGED_CONFIG, "merge_report.json")
+MERGE_OUTPUT_FILES = (MERGED_CONFIG, "merge_report.json", "merge.json")  # merge.json: a GGUF bundle
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -172,10 +179,17 @@ def merge(args: MergeArgs) -> Path:
         raise ConfigError(f"base={args.base!r}: use base=dequantized or base=original.")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ConfigError(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
-    out = Path(args.out) if args.out else Path(args.run) / "merged"
+    if args.format not in ("hf", "gguf"):
+        raise ConfigError(f"format={args.format!r}: use format=hf or format=gguf.")
+    if args.format == "gguf":
+        export.check_quant(args.quant)
+    default_out = "merged" if args.format == "hf" else f"gguf-{args.quant}"
+    out = Path(args.out) if args.out else Path(args.run) / default_out
     check_out(Path(args.run), out, args.overwrite)
     model, run, report = merged_model(args)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "gguf":
+        return export_gguf(out, model, run, report, args.quant)
     with atomic_dir(out) as tmp:  # an existing output is replaced only once the new one is complete
         write_merged(tmp, model, run, report)
     log.info(
@@ -187,6 +201,34 @@ def merge(args: MergeArgs) -> Path:
         f"merged: {out}\nlogits max |diff| vs adapter model: {report['logits_max_abs_diff']:.3g} "
         f"(greedy agreement {report['greedy_next_token_agreement']:.3f})\nserve: vllm serve {out}  "
         f"or  sftlab-serve run={out}"
+    )
+    return out
+
+
+def export_gguf(out: Path, model: PreTrainedModel, run: LoadedRun, report: dict, quant: str) -> Path:
+    """The GGUF bundle, written beside `out` and swapped in when complete. A file that fails verification
+    is still swapped in (merge.json says what failed, for a look), then the command fails."""
+    name = Path(run.run_dir).resolve().name
+    failure = None
+    with atomic_dir(out) as tmp:
+        try:
+            summary = export.export_gguf(
+                tmp, model, run.tokenizer, run.template, run.cfg, quant, report, name
+            )
+        except SFTLabError as err:
+            if not (tmp / "merge.json").is_file():
+                raise
+            failure = SFTLabError(str(err).replace(str(tmp), str(out)))
+    if failure is not None:
+        raise failure
+    v = summary["verification"]
+    print(
+        f"gguf: {out / summary['gguf']['path']} ({summary['gguf']['bytes'] / 1e6:.0f} MB, {quant})\n"
+        f"verified by reloading with transformers: logits max |diff| {v['logits_max_abs_diff']:.3g} "
+        f"(limit {v['tolerance']['max']:g}), argmax agreement {v['argmax_agreement']:.3f}, greedy answers "
+        f"same {v['greedy_same']}, tokenizer ids equal {v['checks']['tokenizer_ids_equal']}\n"
+        f"ollama: cd {out} && ollama create {name} -f Modelfile\n"
+        f"llama.cpp: llama-cli -m {out / summary['gguf']['path']} -cnv   (uses the training chat template)"
     )
     return out
 

@@ -10,6 +10,7 @@ Cache location: `model.cache_dir` (default `$SFTLAB_CACHE`, else `~/.cache/sftla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -109,8 +110,53 @@ def model_source(cfg: Any) -> str:
     cache_dir = cfg.get("cache_dir") or default_cache_dir()
     if cfg.get("random_init"):
         tok = materialize(cfg.tokenizer_name_or_path, cache_dir=cache_dir, key="model.tokenizer_name_or_path")
-        return _build_random(dict(cfg.random_init), tok, cache_dir, cfg.get("dtype") or "float32")
-    return materialize(cfg.name_or_path, cache_dir=cache_dir)
+        source = _build_random(dict(cfg.random_init), tok, cache_dir, cfg.get("dtype") or "float32")
+    else:
+        source = materialize(cfg.name_or_path, cache_dir=cache_dir)
+    origin = base_origin(cfg)
+    if origin is not None and not (Path(source) / ORIGIN_FILE).is_file():
+        with contextlib.suppress(OSError):  # a read-only shared cache: the run's config still records it
+            (Path(source) / ORIGIN_FILE).write_text(json.dumps(origin, indent=2), encoding="utf-8")
+    return source
+
+
+ORIGIN_FILE = "sftlab_origin.json"
+
+
+def base_origin(cfg: Any) -> dict | None:
+    """How sftlab built a base that exists only in a local cache (a converted GGUF, a random init), so an
+    adapter trained on it can be loaded elsewhere; None for Hub ids and the user's own directories."""
+    if cfg.get("random_init"):
+        return {
+            "kind": "random_init",
+            "random_init": dict(cfg.random_init),
+            "tokenizer": cfg.tokenizer_name_or_path,
+            "dtype": cfg.get("dtype") or "float32",
+            "rebuild": "sftlab: load_run(run_dir) / any sftlab command with run=",
+        }
+    ref = str(cfg.get("name_or_path") or "")
+    if not ref.endswith(".gguf"):
+        return None
+    return {
+        "kind": "gguf",
+        "reference": ref,
+        "package": ref.removeprefix("pkg://").split("/")[0] if ref.startswith("pkg://") else None,
+        "file": ref.rsplit("/", 1)[-1],
+        "conversion": "transformers from_pretrained(gguf_file=...) dequantized to float32, save_pretrained",
+        "rebuild": "sftlab: load_run(run_dir) / any sftlab command with run=",
+    }
+
+
+def resolve_base(recorded: str, cfg: Any) -> str:
+    """The base an adapter loads onto: the recorded directory, or, where this machine lacks it and it was a
+    cache product (a converted GGUF, a random init), the same base rebuilt here from the run's model config
+    into this machine's cache (`$SFTLAB_CACHE`, else ~/.cache/sftlab)."""
+    if Path(recorded).is_dir() or base_origin(cfg) is None:
+        return recorded
+    local = cfg.copy()
+    local.cache_dir = default_cache_dir()
+    log.info("Base model %s is not on this machine: rebuilding it in %s", recorded, local.cache_dir)
+    return model_source(local)
 
 
 def _hub_kwargs(cfg: Any) -> dict:

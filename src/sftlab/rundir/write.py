@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import SFTLabError
+from sftlab.model.load import ORIGIN_FILE
 from sftlab.rundir.redact import redact, redact_override, secret_override, secret_values
 
 MIN_FREE_BYTES = (
@@ -111,6 +112,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_base_origin(model: PeftModel, adapter_dir: Path) -> None:
+    """adapter/base_origin.json: how sftlab built a cache-only base, so the adapter is loadable elsewhere."""
+    base = Path(str(model.peft_config["default"].base_model_name_or_path))
+    if (base / ORIGIN_FILE).is_file():
+        shutil.copyfile(base / ORIGIN_FILE, adapter_dir / "base_origin.json")
+
+
 def save_model(
     run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
 ) -> Path:
@@ -125,6 +133,7 @@ def save_model(
             # Not the full (resized) embedding matrices: new-token rows are trained as trainable token rows
             # inside the adapter and re-created deterministically on load (sftlab.model.tokens): small.
             model.save_pretrained(tmp, save_embedding_layers=False)
+            copy_base_origin(model, tmp)
         else:
             model.save_pretrained(tmp)
         tokenizer.chat_template = template.to_jinja()
