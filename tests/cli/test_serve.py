@@ -231,3 +231,21 @@ def test_a_merged_directory_is_routed_to_vllm_and_transformers_serve(tmp_path):
         f"vllm serve {merged} --served-model-name iso --chat-template {merged}/chat_template.jinja",
         f"transformers serve {merged}",
     ]
+
+
+def test_reasoning_is_returned_apart_from_the_answer_as_reasoning_content():
+    from sftlab.cli.serve import answer_deltas, message
+
+    text = "<think>\n2 and 2 make 4.\n</think>\n\nIt is 4."
+    assert message(text, "separate") == {
+        "role": "assistant",
+        "content": "It is 4.",
+        "reasoning_content": "2 and 2 make 4.",
+    }
+    assert message(text, "show") == {"role": "assistant", "content": text}
+    assert message("Just 4.", "separate") == {"role": "assistant", "content": "Just 4."}
+    pieces = ["<th", "ink>\n2 and 2", " make 4.\n</think>", "\n\nIt is", " 4."]
+    deltas = [(p, "stop" if k == len(pieces) - 1 else None, k) for k, p in enumerate(pieces)]
+    assert "".join(d for d, _ in answer_deltas(iter(deltas), "separate")) == "It is 4."
+    assert [r for _, r in answer_deltas(iter(deltas), "separate")][-1] == "stop"
+    assert "".join(d for d, _ in answer_deltas(iter(deltas), "show")) == text

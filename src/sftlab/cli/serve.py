@@ -19,6 +19,10 @@ Limits, answered as OpenAI's API answers them (a JSON error object, HTTP 4xx) be
 Concurrency, honestly: the model generates one answer at a time; up to `queue` further requests wait their
 turn, and a request beyond that is answered at once with 503 and `Retry-After` (never a dropped connection).
 
+Reasoning (`reasoning=separate`, default): an answer that opens with `<think>…</think>` comes back as
+`message.content` (the final answer) and `message.reasoning_content` (the reasoning), the field vLLM's
+reasoning parsers and DeepSeek's API use; a stream sends the answer only. `reasoning=show`: the raw text.
+
 `temperature` defaults to 1.0 as in the OpenAI API; `temperature=0` is greedy and matches
 `sftlab.eval.generate`. `n` > 1, tools and logprobs are refused with a 400. `port=0` binds a free port; the
 bound URL is printed on one line (`sftlab-serve: listening on http://...`).
@@ -49,6 +53,7 @@ from starlette.routing import Route
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli.args import parse
 from sftlab.data.formats import ROLES
+from sftlab.data.reasoning import REASONING_KEY, AnswerStream, split_reasoning
 from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import ConfigError, SFTLabError
 from sftlab.model import generate
@@ -62,7 +67,8 @@ class ServeArgs:
     """run: a train.py run directory or an sftlab-merge output. host/port: where to listen (port=0: any free
     port). name: the model id clients send (default: the directory name). max_tokens: the cap per request.
     queue: requests that may wait while one generates (more get 503). max_body_bytes: the largest request
-    body. context_length: prompt + completion limit (default: the run's model.context_length)."""
+    body. context_length: prompt + completion limit (default: the run's model.context_length). reasoning:
+    separate (a <think> block goes to message.reasoning_content) or show (raw text)."""
 
     run: str = "???"
     host: str = "127.0.0.1"
@@ -72,6 +78,7 @@ class ServeArgs:
     queue: int = 8
     max_body_bytes: int = 1_000_000
     context_length: int | None = None
+    reasoning: str = "separate"
 
 
 class BadRequest(ValueError):
@@ -196,7 +203,29 @@ def stream_text(run: LoadedRun, req: Request) -> Iterator[tuple[str, str | None,
     yield text[sent:], "stop" if n < req.max_tokens else "length", n
 
 
-def completion(run: LoadedRun, req: Request, name: str) -> dict:
+def message(text: str, reasoning: str) -> dict:
+    """The assistant message of a generated text: with `reasoning=separate`, a `<think>` block moves to
+    `reasoning_content` and `content` holds the final answer."""
+    thought, answer = split_reasoning(text) if reasoning == "separate" else (None, text)
+    return {
+        "role": "assistant",
+        "content": answer,
+        **({REASONING_KEY: thought} if thought is not None else {}),
+    }
+
+
+def answer_deltas(
+    deltas: Iterator[tuple[str, str | None, int]], reasoning: str
+) -> Iterator[tuple[str, str | None]]:
+    """(text delta, finish reason) of a stream, the reasoning held back with `reasoning=separate`."""
+    answer = AnswerStream() if reasoning == "separate" else None
+    for delta, reason, _ in deltas:
+        if answer is not None:
+            delta = answer.feed(delta) + (answer.close() if reason else "")
+        yield delta, reason
+
+
+def completion(run: LoadedRun, req: Request, name: str, reasoning: str = "separate") -> dict:
     parts, finish, n = [], "length", 0
     for delta, reason, count in stream_text(run, req):
         parts.append(delta)
@@ -206,9 +235,7 @@ def completion(run: LoadedRun, req: Request, name: str) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": name,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": finish}
-        ],
+        "choices": [{"index": 0, "message": message("".join(parts), reasoning), "finish_reason": finish}],
         "usage": {
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": n,
@@ -217,7 +244,7 @@ def completion(run: LoadedRun, req: Request, name: str) -> dict:
     }
 
 
-def chunks(run: LoadedRun, req: Request, name: str) -> Iterator[dict]:
+def chunks(run: LoadedRun, req: Request, name: str, reasoning: str = "separate") -> Iterator[dict]:
     base = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -226,7 +253,7 @@ def chunks(run: LoadedRun, req: Request, name: str) -> Iterator[dict]:
     }
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     yield {**base, "choices": [first]}
-    for delta, reason, _ in stream_text(run, req):
+    for delta, reason in answer_deltas(stream_text(run, req), reasoning):
         if delta or reason:
             yield {
                 **base,
@@ -291,12 +318,12 @@ def make_app(run: LoadedRun, name: str, args: ServeArgs, context: int | None) ->
 
     def generate_all(req: Request) -> dict:
         with gate.model:
-            return completion(run, req, name)
+            return completion(run, req, name, args.reasoning)
 
     def stream_all(req: Request) -> Iterator[bytes]:
         try:
             with gate.model:
-                for chunk in chunks(run, req, name):
+                for chunk in chunks(run, req, name, args.reasoning):
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
             yield b"data: [DONE]\n\n"
         finally:
@@ -378,6 +405,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check(args: ServeArgs) -> None:
+    if args.reasoning not in ("separate", "show"):
+        raise ConfigError(
+            f"reasoning={args.reasoning!r}: use separate (reasoning_content) or show (raw text)."
+        )
     for key in ("max_tokens", "max_body_bytes"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}={getattr(args, key)}: must be at least 1.")
