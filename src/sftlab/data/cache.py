@@ -7,10 +7,14 @@ vocabulary and merges, added and special tokens, chat template) and the source o
 package (readers, mixtures, split, dedupe, formats, templates, tokenize, packing, ...). Any change gives a new
 key; stale entries are never read.
 
-Layout: `<cache_dir>/<key>/` with `meta.json` (counts, per split) and per split `<split>.npz` (flat int32
-token arrays + offsets) and `<split>.rows.json` (the kept conversations, for generation-based evaluation).
-Entries are written to a temporary directory and renamed into place, so a killed run never leaves half an
-entry.
+Layout: `<cache_dir>/<key>/` with `meta.json` (counts, per split) and per split two `datasets` Arrow datasets
+(the layout `Dataset.save_to_disk` writes, so `datasets.load_from_disk` opens them):
+`<split>/examples` (input_ids, labels, status, num_targets[, position_ids when packed]: what the loaders
+read) and `<split>/rows` (one `json` column: the kept conversations, for generation-based evaluation).
+They are written a batch at a time and opened memory-mapped, so neither writing nor reading holds a split in
+memory: the loaders read one example at a time, and only the per-example lengths and target counts (a few
+bytes each) are loaded whole, for the step plan, length grouping and packing. Entries are written to a
+temporary directory and renamed into place, so a killed run never leaves half an entry.
 """
 
 from __future__ import annotations
@@ -22,15 +26,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from sftlab.data.packing import pack_plan
+from sftlab.data.tokenize import IGNORE_INDEX, Encoded
 
-from sftlab.data.tokenize import Encoded
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -87,43 +90,202 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
-    return flat, offsets
+def _features(packed: bool) -> Any:
+    import datasets
+
+    ints = datasets.List(datasets.Value("int32"))
+    columns = {"input_ids": ints, "labels": ints, "status": datasets.Value("string")}
+    columns["num_targets"] = datasets.Value("int32")
+    if packed:
+        columns["position_ids"] = ints
+    return datasets.Features(columns)
 
 
-def save(directory: Path, splits: Mapping[str, Any]) -> None:
-    """Write `splits` ({name: SplitData}) as one cache entry at `directory` (atomically)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".build-"))
-    meta = {}
-    for name, data in splits.items():
-        arrays = {}
-        for field in ("input_ids", "labels", "position_ids"):
-            seqs = [getattr(ex, field) for ex in data.examples]
-            if field == "position_ids" and any(s is None for s in seqs):
-                continue
-            arrays[field], arrays["offsets"] = _flat(seqs)
-        np.savez(build / f"{name}.npz", **arrays)
-        (build / f"{name}.rows.json").write_text(json.dumps(data.rows, ensure_ascii=False), encoding="utf-8")
-        meta[name] = {"counts": data.counts, "statuses": [ex.status for ex in data.examples]}
-    (build / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+def _row_features() -> Any:
+    import datasets
+
+    return datasets.Features({"json": datasets.Value("string")})
+
+
+class ArrowWriter:
+    """One `datasets` Arrow dataset written a batch at a time (`datasets.arrow_writer.ArrowWriter`), so
+    memory holds one batch, never the split; closed with the two small files `datasets.load_from_disk`
+    reads beside the data (what `Dataset.save_to_disk` writes for one shard, without a second copy)."""
+
+    SHARD = "data-00000-of-00001.arrow"
+
+    def __init__(self, directory: Path, features: Any, batch_size: int = 1000) -> None:
+        from datasets.arrow_writer import ArrowWriter as Writer
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.features = directory, features
+        self.writer = Writer(
+            features=features, path=str(directory / self.SHARD), writer_batch_size=batch_size
+        )
+
+    def write(self, row: dict) -> None:
+        self.writer.write(row)
+
+    def close(self) -> None:
+        import datasets
+
+        self.writer.finalize()
+        self.writer.close()
+        state = {
+            "_data_files": [{"filename": self.SHARD}],
+            "_fingerprint": hashlib.sha256(str(self.directory).encode()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (self.directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = dataclasses.asdict(datasets.DatasetInfo(features=self.features))
+        (self.directory / "dataset_info.json").write_text(json.dumps(info, indent=2))
+
+
+def targets(labels: Sequence[int]) -> int:
+    """Target tokens of an example: labels after the first (the loss shifts by one) that are not ignored."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def write_split(
+    directory: Path, kept: Iterable[tuple[Encoded, Any]], pack_length: int | None = None
+) -> int | None:
+    """Write one split's kept (example, conversation) pairs as `directory/examples` and `directory/rows`,
+    streaming. With `pack_length`, the examples are packed into rows of that many tokens (best-fit
+    decreasing over the lengths alone, then the rows are assembled from the memory-mapped unpacked examples)
+    and the number of packed rows is returned."""
+    first = directory / ("unpacked" if pack_length else "examples")
+    examples, rows = ArrowWriter(first, _features(False)), ArrowWriter(directory / "rows", _row_features())
+    lengths: list[int] = []
+    for ex, conv in kept:
+        examples.write(
+            {
+                "input_ids": ex.input_ids,
+                "labels": ex.labels,
+                "status": ex.status,
+                "num_targets": targets(ex.labels),
+            }
+        )
+        rows.write({"json": json.dumps(conv, ensure_ascii=False)})
+        lengths.append(len(ex.input_ids))
+    examples.close()
+    rows.close()
+    if not pack_length:
+        return None
+    plan = pack_plan(lengths, pack_length)
+    unpacked = ArrowExamples(_open(first))
+    packed = ArrowWriter(directory / "examples", _features(True))
+    for row in plan:
+        parts = [unpacked[i] for i in row]
+        ids = [t for p in parts for t in p.input_ids]
+        labels = [t for p in parts for t in p.labels]
+        positions = [k for p in parts for k in range(len(p.input_ids))]
+        packed.write(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "status": "kept",
+                "num_targets": targets(labels),
+                "position_ids": positions,
+            }
+        )
+    packed.close()
+    del unpacked
+    shutil.rmtree(first)
+    return len(plan)
+
+
+def _open(directory: Path) -> Any:
+    import datasets
+
+    return datasets.load_from_disk(str(directory), keep_in_memory=False)
+
+
+class _Lazy(Sequence):
+    """A read-only sequence over a memory-mapped `datasets` Dataset: one row is read per index."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return [self._row(i) for i in range(*key.indices(len(self)))]
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError(key)
+        return self._row(int(key))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _row(self, index: int) -> Any:
+        raise NotImplementedError
+
+
+class ArrowExamples(_Lazy):
+    """Encoded examples read one at a time from `<split>/examples`."""
+
+    def _row(self, index: int) -> Encoded:
+        r = self.dataset[index]
+        return Encoded(r["input_ids"], r["labels"], r["status"], r.get("position_ids"))
+
+    def column(self, name: str) -> list[int]:
+        """A whole integer column, from Arrow directly (no per-row Python objects but the ints)."""
+        return self.dataset.data.column(name).to_numpy().tolist()
+
+    def lengths(self) -> list[int]:
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.dataset.data.column("input_ids")).to_numpy().tolist()
+
+
+class ArrowRows(_Lazy):
+    """The kept conversations read one at a time from `<split>/rows`."""
+
+    def _row(self, index: int) -> Any:
+        return json.loads(self.dataset[index]["json"])
+
+
+def open_split(directory: Path) -> tuple[ArrowExamples, ArrowRows]:
+    return ArrowExamples(_open(directory / "examples")), ArrowRows(_open(directory / "rows"))
+
+
+def build_dir(parent: Path) -> Path:
+    """A fresh directory beside the entries, where one entry is written before `commit` renames it."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=".build-"))
+
+
+def commit(build: Path, directory: Path, counts: Mapping[str, Any]) -> Path:
+    """Seal the entry written in `build` (meta.json last) and rename it to `directory`; the entry that is
+    in place afterwards is returned (another run's, when it wrote the same entry first)."""
+    (build / "meta.json").write_text(json.dumps({s: {"counts": c} for s, c in counts.items()}))
     try:
         os.replace(build, directory)
     except OSError:  # another run wrote the same entry first: keep theirs
         shutil.rmtree(build, ignore_errors=True)
+    return directory
 
 
 def load(directory: Path) -> dict[str, dict] | None:
-    """{split: {"examples", "rows", "counts"}} or None when there is no complete, readable entry (a damaged
-    entry is reported and then simply rebuilt)."""
+    """{split: {"examples", "rows", "counts"}} opened memory-mapped, or None when there is no complete,
+    readable entry (a damaged entry is reported and then simply rebuilt)."""
     if not (directory / "meta.json").is_file():
         return None
     try:
         return _load(directory)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # datasets and pyarrow raise many types for a damaged file
         log.warning("data cache entry %s is unreadable (%s); processing the data again", directory, err)
         shutil.rmtree(directory, ignore_errors=True)  # so the fresh entry can take its place
         return None
@@ -133,14 +295,8 @@ def _load(directory: Path) -> dict[str, dict]:
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     out = {}
     for name, info in meta.items():
-        arrays = np.load(directory / f"{name}.npz")
-        offsets = arrays["offsets"].tolist()
-        ids, labels = arrays["input_ids"].tolist(), arrays["labels"].tolist()
-        positions = arrays["position_ids"].tolist() if "position_ids" in arrays else None
-        examples = [
-            Encoded(ids[a:b], labels[a:b], status, None if positions is None else positions[a:b])
-            for a, b, status in zip(offsets[:-1], offsets[1:], info["statuses"], strict=True)
-        ]
-        rows = json.loads((directory / f"{name}.rows.json").read_text(encoding="utf-8"))
+        examples, rows = open_split(directory / name)
+        if len(rows) != info["counts"]["kept"]:
+            raise ValueError(f"{name}: {len(rows)} rows, meta.json says {info['counts']['kept']}")
         out[name] = {"examples": examples, "rows": rows, "counts": info["counts"]}
     return out

@@ -11,18 +11,21 @@ import contextlib
 import gc
 import json
 import math
+import multiprocessing
+import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from sftlab.data import cache
 from sftlab.data.formats import BadRow, Conversation, to_messages
 from sftlab.data.packing import pack
 from sftlab.data.sources import Row
-from sftlab.data.tokenize import IGNORE_INDEX, Encoded, Template, encode_conversations
+from sftlab.data.tokenize import Encoded, Template, encode_conversations
 from sftlab.errors import DataError
 
 
@@ -30,13 +33,22 @@ from sftlab.errors import DataError
 class SplitData:
     """The processed examples of one split plus what happened to every input row."""
 
-    examples: list[Encoded]
-    rows: list[Conversation]  # the conversation of each kept example, for generation-based evaluation
+    # lists, or the memory-mapped Arrow sequences of cache.py (read one example at a time)
+    examples: Sequence[Encoded]
+    rows: Sequence[Conversation]  # the conversation of each kept example, for generation-based evaluation
     counts: dict[str, Any]  # rows, kept, truncated, dropped {reason: n}, skipped {reason: n}[, packed_rows]
 
     @property
     def num_targets(self) -> list[int]:
-        return [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in self.examples]
+        if isinstance(self.examples, cache.ArrowExamples):
+            return self.examples.column("num_targets")
+        return [cache.targets(ex.labels) for ex in self.examples]
+
+    @property
+    def lengths(self) -> list[int]:
+        if isinstance(self.examples, cache.ArrowExamples):
+            return self.examples.lengths()
+        return [len(ex.input_ids) for ex in self.examples]
 
 
 def convert_rows(
@@ -84,6 +96,21 @@ def split_off(
     )
 
 
+def split_counts(statuses: Counter, skipped: Counter, duplicates: int) -> dict[str, Any]:
+    """What happened to every row of a split, from the encoded examples' statuses."""
+    dropped = Counter({s: n for s, n in statuses.items() if s not in ("kept", "truncated")})
+    if duplicates:
+        dropped["duplicate"] = duplicates
+    encoded = sum(statuses.values())
+    return {
+        "rows": encoded + duplicates + sum(skipped.values()),
+        "kept": statuses["kept"] + statuses["truncated"],
+        "truncated": statuses["truncated"],
+        "dropped": dict(sorted(dropped.items())),
+        "skipped": dict(sorted(skipped.items())),
+    }
+
+
 def encode_split(
     conversations: list[Conversation],
     template: Template,
@@ -94,23 +121,89 @@ def encode_split(
     packing: bool,
     **encode_kwargs: Any,
 ) -> SplitData:
+    """One split in memory (small data, tests); the datamodule streams the same steps into Arrow
+    (`encode_kept` + cache.write_split)."""
     encoded = encode_conversations(conversations, template, tokenizer, **encode_kwargs)
     kept = [(e, c) for e, c in zip(encoded, conversations, strict=True) if not e.dropped]
-    dropped = Counter(e.status for e in encoded if e.dropped)
-    if duplicates:
-        dropped["duplicate"] = duplicates
-    counts: dict[str, Any] = {
-        "rows": len(encoded) + duplicates + sum(skipped.values()),
-        "kept": len(kept),
-        "truncated": sum(e.status == "truncated" for e in encoded),
-        "dropped": dict(sorted(dropped.items())),
-        "skipped": dict(sorted(skipped.items())),
-    }
+    counts = split_counts(Counter(e.status for e in encoded), skipped, duplicates)
     examples = [e for e, _ in kept]
     if packing:
         examples = pack(examples, encode_kwargs["max_length"])
         counts["packed_rows"] = len(examples)
     return SplitData(examples, [c for _, c in kept], counts)
+
+
+CHUNK = (
+    1000  # conversations per tokenizer call / worker task: big enough to batch, small enough to bound memory
+)
+_job: dict[str, Any] = {}  # what forked workers encode with (inherited, not pickled per task)
+
+
+def _encode_chunk(chunk: list[Conversation]) -> list[Encoded]:
+    return encode_conversations(chunk, _job["template"], _job["tokenizer"], **_job["kwargs"])
+
+
+def default_num_proc() -> int:
+    """Worker processes for tokenizing: the CPUs this process may use (at most 8; past that the parent,
+    which writes the Arrow file, is the bottleneck)."""
+    return max(
+        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
+
+
+def encoded_chunks(
+    conversations: Sequence[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_proc: int = 1,
+    chunk_size: int | None = None,
+    **encode_kwargs: Any,
+) -> Iterator[list[Encoded]]:
+    """The conversations encoded chunk by chunk, in order. With `num_proc` > 1 (and more than one chunk)
+    forked workers encode the chunks (as `datasets.map(num_proc=)` does), the parent keeps their order."""
+    chunk_size = chunk_size or CHUNK
+    chunks = (list(conversations[i : i + chunk_size]) for i in range(0, len(conversations), chunk_size))
+    if num_proc <= 1 or len(conversations) <= chunk_size:
+        for chunk in chunks:
+            yield encode_conversations(chunk, template, tokenizer, **encode_kwargs)
+        return
+    template.bind(tokenizer)
+    _job.update(template=template, tokenizer=tokenizer, kwargs=encode_kwargs)
+    # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns it
+    # off by itself. Restored once the workers exist, for the parent's own calls.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(num_proc)
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    with pool:
+        yield from pool.imap(_encode_chunk, chunks)
+    _job.clear()
+
+
+def encode_kept(
+    conversations: Sequence[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    statuses: Counter,
+    *,
+    num_proc: int = 1,
+    **encode_kwargs: Any,
+) -> Iterator[tuple[Encoded, Conversation]]:
+    """The kept (example, conversation) pairs of a split, streamed; every example's status is counted into
+    `statuses` (for `split_counts`) as it passes."""
+    start = 0
+    for encoded in encoded_chunks(conversations, template, tokenizer, num_proc=num_proc, **encode_kwargs):
+        for k, ex in enumerate(encoded):
+            statuses[ex.status] += 1
+            if not ex.dropped:
+                yield ex, conversations[start + k]
+        start += len(encoded)
 
 
 @contextlib.contextmanager
