@@ -89,10 +89,19 @@ def test_without_a_cache_dir_the_splits_are_still_arrow_backed(tokenizer, chatml
 
 def test_workers_encode_exactly_what_one_process_does(tokenizer, chatml):
     convs = [conv(i)["messages"] for i in range(23)]
-    kwargs = {"max_length": 30, "truncation": "truncate", "train_on": "all_assistant"}
+    kwargs = {"max_length": 18, "truncation": "drop", "train_on": "all_assistant"}
     chunks = list(pipeline.encoded_chunks(convs, chatml, tokenizer, num_proc=2, chunk_size=5, **kwargs))
-    assert [len(c) for c in chunks] == [5, 5, 5, 5, 3]
-    assert [ex for c in chunks for ex in c] == encode_conversations(convs, chatml, tokenizer, **kwargs)
+    assert [sum(counted.values()) for counted, _, _ in chunks] == [5, 5, 5, 5, 3]
+    reference = encode_conversations(convs, chatml, tokenizer, **kwargs)
+    kept = [(e, c) for e, c in zip(reference, convs, strict=True) if not e.dropped]
+    assert 0 < len(kept) < len(convs)
+    assert sum((counted for counted, _, _ in chunks), Counter()) == Counter(e.status for e in reference)
+    examples = [row for _, table, _ in chunks for row in table.to_pylist()]
+    assert [(r["input_ids"], r["labels"], r["status"]) for r in examples] == [
+        (e.input_ids, e.labels, e.status) for e, _ in kept
+    ]
+    rows = [json.loads(row["json"]) for _, _, table in chunks for row in table.to_pylist()]
+    assert rows == [c for _, c in kept]
 
 
 def test_with_two_workers_strict_mode_names_the_first_bad_line_and_lenient_counts_add_up(

@@ -119,16 +119,33 @@ class ArrowWriter:
 
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.features = directory, features
+        self.columns: dict[str, list] = {}
+        self.batch_size = batch_size
         self.writer = Writer(
             features=features, path=str(directory / self.SHARD), writer_batch_size=batch_size
         )
 
-    def write(self, row: dict) -> None:
-        self.writer.write(row)
+    def add(self, row: dict) -> None:
+        """Buffer a row; every `batch_size` rows go to the file as one Arrow record batch (column lists to
+        Arrow in one call each: several times faster than the writer's row-by-row `write`)."""
+        for name, value in row.items():
+            self.columns.setdefault(name, []).append(value)
+        if len(next(iter(self.columns.values()))) >= self.batch_size:
+            self._flush()
+
+    def write_table(self, table: Any) -> None:
+        self._flush()
+        self.writer.write_table(table)
+
+    def _flush(self) -> None:
+        if self.columns:
+            self.writer.write_batch(self.columns)
+            self.columns = {}
 
     def close(self) -> None:
         import datasets
 
+        self._flush()
         self.writer.finalize()
         self.writer.close()
         state = {
@@ -147,30 +164,43 @@ class ArrowWriter:
 
 def targets(labels: Sequence[int]) -> int:
     """Target tokens of an example: labels after the first (the loss shifts by one) that are not ignored."""
-    return sum(label != IGNORE_INDEX for label in labels[1:])
+    return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
+
+
+def arrow_tables(kept: Sequence[tuple[Encoded, Any]]) -> tuple[Any, Any]:
+    """(examples, rows) Arrow tables of kept (example, conversation) pairs, in the cache's schema."""
+    import pyarrow as pa
+
+    examples = {
+        "input_ids": [ex.input_ids for ex, _ in kept],
+        "labels": [ex.labels for ex, _ in kept],
+        "status": [ex.status for ex, _ in kept],
+        "num_targets": [targets(ex.labels) for ex, _ in kept],
+    }
+    rows = {"json": [json.dumps(conv, ensure_ascii=False) for _, conv in kept]}
+    return (
+        pa.Table.from_pydict(examples, schema=_features(False).arrow_schema),
+        pa.Table.from_pydict(rows, schema=_row_features().arrow_schema),
+    )
 
 
 def write_split(
-    directory: Path, kept: Iterable[tuple[Encoded, Any]], pack_length: int | None = None
+    directory: Path, chunks: Iterable[tuple[Any, Any]], pack_length: int | None = None
 ) -> int | None:
-    """Write one split's kept (example, conversation) pairs as `directory/examples` and `directory/rows`,
-    streaming. With `pack_length`, the examples are packed into rows of that many tokens (best-fit
-    decreasing over the lengths alone, then the rows are assembled from the memory-mapped unpacked examples)
-    and the number of packed rows is returned."""
+    """Write one split, chunk by chunk ((examples, rows) Arrow tables from `arrow_tables`), as
+    `directory/examples` and `directory/rows`. With `pack_length`, the examples are packed into rows of
+    that many tokens (best-fit decreasing over the lengths alone, then the rows are assembled from the
+    memory-mapped unpacked examples) and the number of packed rows is returned."""
+    import pyarrow.compute as pc
+
     first = directory / ("unpacked" if pack_length else "examples")
     examples, rows = ArrowWriter(first, _features(False)), ArrowWriter(directory / "rows", _row_features())
     lengths: list[int] = []
-    for ex, conv in kept:
-        examples.write(
-            {
-                "input_ids": ex.input_ids,
-                "labels": ex.labels,
-                "status": ex.status,
-                "num_targets": targets(ex.labels),
-            }
-        )
-        rows.write({"json": json.dumps(conv, ensure_ascii=False)})
-        lengths.append(len(ex.input_ids))
+    for example_table, row_table in chunks:
+        examples.write_table(example_table)
+        rows.write_table(row_table)
+        if pack_length:
+            lengths += pc.list_value_length(example_table.column("input_ids")).to_pylist()
     examples.close()
     rows.close()
     if not pack_length:
@@ -183,7 +213,7 @@ def write_split(
         ids = [t for p in parts for t in p.input_ids]
         labels = [t for p in parts for t in p.labels]
         positions = [k for p in parts for k in range(len(p.input_ids))]
-        packed.write(
+        packed.add(
             {
                 "input_ids": ids,
                 "labels": labels,

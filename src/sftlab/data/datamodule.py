@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from sftlab.data.pipeline import (
     convert_rows,
     dedupe,
     default_num_proc,
-    encode_kept,
+    encoded_chunks,
     gc_paused,
     split_counts,
     split_off,
@@ -168,21 +169,24 @@ class SFTDataModule(pl.LightningDataModule):
         counts = {}
         for split in list(conversations):
             statuses: Counter = Counter()
-            kept = encode_kept(
-                conversations[split],
-                self.template,
-                self.tokenizer,
-                statuses,
-                num_proc=self.num_proc,
-                **self.encode_kwargs,
-            )
             pack_length = self.encode_kwargs["max_length"] if self.packing else None
-            packed_rows = cache.write_split(build / split, kept, pack_length)
+            packed_rows = cache.write_split(
+                build / split, self._chunks(conversations[split], statuses), pack_length
+            )
             del conversations[split]  # on disk now; frees the memory before the next split
             counts[split] = split_counts(statuses, skipped[split], duplicates[split])
             if packed_rows is not None:
                 counts[split]["packed_rows"] = packed_rows
         return counts
+
+    def _chunks(self, conversations: list[Conversation], statuses: Counter) -> Iterator[tuple[Any, Any]]:
+        """Arrow tables of the split's kept examples, chunk by chunk; every status is counted into
+        `statuses` as the chunks pass."""
+        for counted, examples, rows in encoded_chunks(
+            conversations, self.template, self.tokenizer, num_proc=self.num_proc, **self.encode_kwargs
+        ):
+            statuses.update(counted)
+            yield examples, rows
 
     def _cache_entry(self) -> Path | None:
         if not self.cache_dir:

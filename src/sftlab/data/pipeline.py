@@ -139,16 +139,29 @@ CHUNK = (
 _job: dict[str, Any] = {}  # what forked workers encode with (inherited, not pickled per task)
 
 
-def _encode_chunk(chunk: list[Conversation]) -> list[Encoded]:
-    return encode_conversations(chunk, _job["template"], _job["tokenizer"], **_job["kwargs"])
+def encode_chunk(
+    chunk: Sequence[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    **encode_kwargs: Any,
+) -> tuple[Counter, Any, Any]:
+    """One chunk of a split: (every example's status counted, the kept examples and their conversations as
+    Arrow tables). Arrow, not Python lists, so a worker hands the parent a few buffers to write as they
+    are, rather than millions of ints to unpickle and convert."""
+    encoded = encode_conversations(chunk, template, tokenizer, **encode_kwargs)
+    kept = [(e, c) for e, c in zip(encoded, chunk, strict=True) if not e.dropped]
+    return Counter(e.status for e in encoded), *cache.arrow_tables(kept)
+
+
+def _encode_job(chunk: list[Conversation]) -> tuple[Counter, Any, Any]:
+    return encode_chunk(chunk, _job["template"], _job["tokenizer"], **_job["kwargs"])
 
 
 def default_num_proc() -> int:
     """Worker processes for tokenizing: the CPUs this process may use (at most 8; past that the parent,
     which writes the Arrow file, is the bottleneck)."""
-    return max(
-        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    )
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def encoded_chunks(
@@ -159,14 +172,15 @@ def encoded_chunks(
     num_proc: int = 1,
     chunk_size: int | None = None,
     **encode_kwargs: Any,
-) -> Iterator[list[Encoded]]:
-    """The conversations encoded chunk by chunk, in order. With `num_proc` > 1 (and more than one chunk)
-    forked workers encode the chunks (as `datasets.map(num_proc=)` does), the parent keeps their order."""
+) -> Iterator[tuple[Counter, Any, Any]]:
+    """`encode_chunk` of every chunk of the conversations, in order. With `num_proc` > 1 (and more than one
+    chunk) forked workers encode the chunks (as `datasets.map(num_proc=)` does); the parent keeps their
+    order, so what is written, counted or raised does not depend on the number of workers."""
     chunk_size = chunk_size or CHUNK
     chunks = (list(conversations[i : i + chunk_size]) for i in range(0, len(conversations), chunk_size))
     if num_proc <= 1 or len(conversations) <= chunk_size:
         for chunk in chunks:
-            yield encode_conversations(chunk, template, tokenizer, **encode_kwargs)
+            yield encode_chunk(chunk, template, tokenizer, **encode_kwargs)
         return
     template.bind(tokenizer)
     _job.update(template=template, tokenizer=tokenizer, kwargs=encode_kwargs)
@@ -182,28 +196,8 @@ def encoded_chunks(
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
     with pool:
-        yield from pool.imap(_encode_chunk, chunks)
+        yield from pool.imap(_encode_job, chunks)
     _job.clear()
-
-
-def encode_kept(
-    conversations: Sequence[Conversation],
-    template: Template,
-    tokenizer: PreTrainedTokenizerBase,
-    statuses: Counter,
-    *,
-    num_proc: int = 1,
-    **encode_kwargs: Any,
-) -> Iterator[tuple[Encoded, Conversation]]:
-    """The kept (example, conversation) pairs of a split, streamed; every example's status is counted into
-    `statuses` (for `split_counts`) as it passes."""
-    start = 0
-    for encoded in encoded_chunks(conversations, template, tokenizer, num_proc=num_proc, **encode_kwargs):
-        for k, ex in enumerate(encoded):
-            statuses[ex.status] += 1
-            if not ex.dropped:
-                yield ex, conversations[start + k]
-        start += len(encoded)
 
 
 @contextlib.contextmanager
