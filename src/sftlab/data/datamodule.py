@@ -153,11 +153,15 @@ class SFTDataModule(pl.LightningDataModule):
         for split, sources in self.sources.items():
             if not sources:
                 continue
-            rows: list[Row] = []
-            for k, src in enumerate(sources):
-                rows += weigh(read_source(src, f"data.{split}_path", split), src.weight, self.seed + k)
-            conversations[split], skipped[split] = convert_rows(rows, self.format, self.fields, self.on_error)
-            del rows
+            conversations[split], skipped[split] = [], Counter()
+            for k, src in enumerate(sources):  # one source's raw rows at a time beside the conversations
+                rows: list[Row] = weigh(
+                    read_source(src, f"data.{split}_path", split), src.weight, self.seed + k
+                )
+                convs, bad = convert_rows(rows, self.format, self.fields, self.on_error)
+                del rows
+                conversations[split] += convs
+                skipped[split].update(bad)
         duplicates = dict.fromkeys(conversations, 0)
         if self.dedupe:
             for split in conversations:
