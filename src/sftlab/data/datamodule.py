@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,15 @@ from sftlab.data.pipeline import (
     split_off,
 )
 from sftlab.data.sampler import StepPlanSampler
-from sftlab.data.sources import ON_ERROR, Row, parse_sources, read_source, source_fingerprint, weigh
+from sftlab.data.sources import (
+    ON_ERROR,
+    Row,
+    iter_rows,
+    parse_sources,
+    read_source,
+    source_fingerprint,
+    weigh,
+)
 from sftlab.data.tokenize import Template
 from sftlab.errors import ConfigError, DataError
 
@@ -155,8 +163,11 @@ class SFTDataModule(pl.LightningDataModule):
                 continue
             conversations[split], skipped[split] = [], Counter()
             for k, src in enumerate(sources):  # one source's raw rows at a time beside the conversations
-                rows: list[Row] = weigh(
-                    read_source(src, f"data.{split}_path", split), src.weight, self.seed + k
+                key = f"data.{split}_path"
+                rows: Iterable[Row] = (
+                    iter_rows(src, key, split)  # a JSONL file streams: its raw rows never all in memory
+                    if src.weight == 1
+                    else weigh(read_source(src, key, split), src.weight, self.seed + k)
                 )
                 convs, bad = convert_rows(rows, self.format, self.fields, self.on_error)
                 del rows

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,7 @@ class SplitData:
 
 
 def convert_rows(
-    rows: list[Row], fmt: str | None, fields: Mapping[str, str], on_error: str
+    rows: Iterable[Row], fmt: str | None, fields: Mapping[str, str], on_error: str
 ) -> tuple[list[Conversation], Counter]:
     """Rows -> conversations. Strict (`raise`): the first bad row stops with its file:line and the fix.
     Lenient (`skip`): bad rows are skipped and counted by reason."""
