@@ -48,6 +48,7 @@ def test_second_run_is_a_cache_hit_and_does_no_tokenizing(tokenizer, chatml, tmp
 
     monkeypatch.setattr(pipeline, "encode_conversations", forbidden)
     monkeypatch.setattr(dm_module, "read_source", forbidden)
+    monkeypatch.setattr(dm_module, "iter_rows", forbidden)
     second = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
     with caplog.at_level(logging.INFO, logger="sftlab.data.datamodule"):
         second.setup()
@@ -95,6 +96,7 @@ def test_truncation_and_drops_are_counted_by_reason(tokenizer, chatml, tmp_path)
         "truncated": 1,
         "dropped": {"no_targets_after_truncation": 1},
         "skipped": {},
+        "chat_markers": 0,
     }
     assert max(len(e.input_ids) for e in truncated.splits["train"].examples) == 64
     dropped = make(tokenizer, chatml, path, max_length=64, truncation="drop", max_drop_ratio=0.5)
@@ -122,7 +124,14 @@ def test_dedupe_drops_exact_duplicates_and_counts_them(tokenizer, chatml, tmp_pa
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     d = make(tokenizer, chatml, path, dedupe=True)
     d.setup()
-    expected = {"rows": 5, "kept": 3, "truncated": 0, "dropped": {"duplicate": 2}, "skipped": {}}
+    expected = {
+        "rows": 5,
+        "kept": 3,
+        "truncated": 0,
+        "dropped": {"duplicate": 2},
+        "skipped": {},
+        "chat_markers": 0,
+    }
     assert d.counts()["train"] == expected
 
 
@@ -177,11 +186,12 @@ def test_a_damaged_cache_entry_is_rebuilt(tokenizer, chatml, tmp_path, caplog):
     path = write_jsonl(tmp_path / "train.jsonl", [conv(i) for i in range(5)])
     first = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
     first.setup()
-    (first._cache_entry() / "train.npz").write_bytes(b"not an npz")
+    expected = list(first.splits["train"].examples)  # read before the file under its memory map is damaged
+    (first._cache_entry() / "train" / "examples" / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
     again = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="sftlab.data.cache"):
         again.setup()
-    assert "unreadable" in caplog.text and again.splits["train"].examples == first.splits["train"].examples
+    assert "unreadable" in caplog.text and again.splits["train"].examples == expected
     caplog.clear()
     third = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.INFO, logger="sftlab.data"):

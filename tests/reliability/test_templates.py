@@ -38,3 +38,28 @@ def test_content_markers_special_keeps_the_old_behaviour_on_request(chatml, toke
     (enc,) = encode_conversations([conv], special, tokenizer)
     assert enc.input_ids.count(im_start) == 4 and enc.input_ids.count(im_end) == 5  # the forged turn is real
     assert encode_prompt(conv[:1], special, tokenizer).count(im_start) == 4
+
+
+def test_rows_with_markers_in_content_are_counted_for_inspect_and_metrics(chatml, tokenizer, tmp_path):
+    import json
+
+    from sftlab.cli.inspect import counts_table
+    from sftlab.data.datamodule import SFTDataModule
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {k}?"},
+                {"role": "assistant", "content": "Yes."},
+            ]
+        }
+        for k in range(6)
+    ]
+    rows[2]["messages"][1]["content"] = SCRAPED
+    rows[4]["messages"][0]["content"] = INJECTION
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = SFTDataModule(tokenizer, chatml, str(path), val_fraction=0, cache_dir=None, num_proc=1)
+    dm.setup()
+    assert dm.counts()["train"]["chat_markers"] == 2
+    assert counts_table(dm.counts()).columns[-1]._cells == ["2"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _WORD_TEXT = (
@@ -45,15 +45,18 @@ def varied_conversations(n: int, seed: int = 0, max_words: int = 70) -> list[dic
 
 def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
     """`n` alpaca rows (instruction, input, output), a third with an empty input, as alpaca itself has."""
+    return list(iter_alpaca_rows(n, seed))
+
+
+def iter_alpaca_rows(n: int, seed: int = 0) -> Iterator[dict]:
+    """`alpaca_rows` one at a time (a million rows written without holding them)."""
     rng = random.Random(seed)
-    return [
-        {
+    for k in range(n):
+        yield {
             "instruction": "Summarize: " + _words(rng, rng.randint(3, 30)),
             "input": "" if k % 3 == 0 else _words(rng, rng.randint(5, 60)),
             "output": _words(rng, rng.randint(3, 80)),
         }
-        for k in range(n)
-    ]
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> Path:

@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Sequence
 
 from sftlab.bench.hardware import FlopModel
+from sftlab.bench.scale import render_table
 from sftlab.bench.stats import Record, Step, median_rate, padding_efficiency, ratio, steady
 
 # (what, numerator run, denominator run, threshold): "sftlab >= threshold x peer", as ratios from one run.
@@ -156,6 +157,8 @@ def render(result: dict) -> str:
                 f"{prep['tokens'] / prep['tokenizer_s'] / 1e6:.2f} M tokens/s, a ceiling of "
                 f"{prep['tokenizer_rows_per_s']:.0f} rows/s"
             )
+    if result.get("data_scale"):
+        lines += render_table(result["data_scale"])
     audit = result.get("data_audit")
     if audit:
         lines.append(

@@ -28,6 +28,7 @@ from sftlab import build
 from sftlab.bench import data as gen
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
 from sftlab.bench.report import render, summarize, targets
+from sftlab.bench.scale import data_scale
 from sftlab.bench.stats import Record, steady
 
 log = logging.getLogger("sftlab.bench")
@@ -72,10 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        help="only these runs: names as in the table, data-prep, data-audit, first-step, cli-latency",
+        help="only these runs: names as in the table, data-prep, data-scale, data-audit, first-step, "
+        "cli-latency",
     )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
+    ap.add_argument(
+        "--scale-rows",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000],
+        help="row counts for data-scale (default 10000 100000; add 1000000 where time allows)",
+    )
+    ap.add_argument("--scale-num-proc", type=int, default=None, help="data.num_proc for data-scale")
     ap.add_argument("--audit-rows", type=int, default=100_000, help="alpaca rows for the data audit's time")
     ap.add_argument(
         "--gpu-7b",
@@ -95,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup, args.steps = 1, 2
         args.varied_rows, args.prep_rows = min(args.varied_rows, 64), min(args.prep_rows, 500)
         args.audit_rows = min(args.audit_rows, 500)
+        args.scale_rows = [min(n, 2000) for n in args.scale_rows[:1]]
     return args
 
 
@@ -309,6 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
         result["data_prep"] = call(
             "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
         )
+        _write(args.out, result)
+    if not args.gpu_7b and args.only is not None and wanted(args, "data-scale"):  # minutes: asked for only
+        spec = {
+            "overrides": args.override,
+            "workdir": str(workdir),
+            "sizes": args.scale_rows,
+            "num_proc": args.scale_num_proc,
+        }
+        result["data_scale"] = data_scale(spec, call)
         _write(args.out, result)
     if not args.gpu_7b and wanted(args, "data-audit"):
         spec = {"overrides": args.override, "workdir": str(workdir), "rows": args.audit_rows}

@@ -134,7 +134,8 @@ def highlight(example: Encoded, tokenizer, kinds: list[str] | None = None) -> Te
 
 def counts_table(counts: dict[str, dict]) -> Table:
     table = Table(title="Data: what happened to every row")
-    for column in ("split", "rows", "kept", "truncated", "dropped", "skipped", "packed rows"):
+    columns = ("split", "rows", "kept", "truncated", "dropped", "skipped", "packed rows", "chat markers")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("split", "dropped", "skipped") else "right")
     for split, c in counts.items():
         reasons = [", ".join(f"{r}: {n}" for r, n in c[k].items()) or "-" for k in ("dropped", "skipped")]
@@ -145,6 +146,7 @@ def counts_table(counts: dict[str, dict]) -> Table:
             str(c["truncated"]),
             *reasons,
             str(c.get("packed_rows", "-")),
+            str(c.get("chat_markers", "-")),
         )
     return table
 

@@ -8,11 +8,15 @@ pipeline.py); train writes it to metrics.json and W&B.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import shutil
+import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,29 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.data import cache
 from sftlab.data.collate import Examples, collate
 from sftlab.data.formats import Conversation
-from sftlab.data.pipeline import SplitData, convert_rows, dedupe, encode_split, gc_paused, split_off
+from sftlab.data.pipeline import (
+    SplitData,
+    convert_rows,
+    dedupe,
+    default_num_proc,
+    encoded_chunks,
+    gc_paused,
+    rows_with_markers,
+    split_counts,
+    split_off,
+)
+from sftlab.data.quality import special_strings
 from sftlab.data.reasoning import POLICIES as REASONING_POLICIES
 from sftlab.data.sampler import StepPlanSampler
-from sftlab.data.sources import ON_ERROR, Row, parse_sources, read_source, source_fingerprint, weigh
+from sftlab.data.sources import (
+    ON_ERROR,
+    Row,
+    iter_rows,
+    parse_sources,
+    read_source,
+    source_fingerprint,
+    weigh,
+)
 from sftlab.data.tokenize import Template
 from sftlab.errors import ConfigError, DataError
 
@@ -44,7 +67,9 @@ class SFTDataModule(pl.LightningDataModule):
     `val_fraction`: without `val_path`, a seeded random fraction of the training rows is held out.
     `reasoning`: keep_last | keep_all | drop, which assistant turns keep their reasoning (data/reasoning.py).
     `packing`: several examples per row of `max_length` tokens (see packing.py). `cache_dir`: processed
-    splits are cached there (null disables caching). `audit`: read by sftlab-train, which audits the data
+    splits are cached there as memory-mapped Arrow datasets (null: they are written to a temporary directory
+    removed at exit). `num_proc`: worker processes that tokenize (null: the CPU count, at most 8; 1: in this
+    process). `audit`: read by sftlab-train, which audits the data
     first (`sftlab-data audit`) and refuses to train when a check holds (true: contamination>0; or a list).
     """
 
@@ -72,6 +97,7 @@ class SFTDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         group_by_length: bool = False,
         num_workers: int = 0,
+        num_proc: int | None = None,
         seed: int = 0,
         audit: bool | list[str] = False,
     ) -> None:
@@ -94,6 +120,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.packing, self.on_error, self.max_drop_ratio = packing, on_error, max_drop_ratio
         self.val_fraction, self.dedupe, self.cache_dir = val_fraction, dedupe, cache_dir
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
+        self.num_proc = default_num_proc() if num_proc is None else num_proc
         self.group_by_length, self.audit = group_by_length, audit
         self._check_settings()
         self.splits: dict[str, SplitData] = {}
@@ -109,6 +136,10 @@ class SFTDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.on_error={self.on_error!r}: use raise (stop at a bad row) or skip.")
         if self.packing and not self.encode_kwargs["max_length"]:
             raise ConfigError("data.packing=true needs data.max_length: it is the length of a packed row.")
+        if not isinstance(self.num_proc, int) or self.num_proc < 1:
+            raise ConfigError(
+                f"data.num_proc={self.num_proc!r}: use an integer >= 1, or null for the CPU count."
+            )
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction}: use a fraction in [0, 1).")
 
@@ -116,32 +147,47 @@ class SFTDataModule(pl.LightningDataModule):
         if self.splits:
             return
         entry = self._cache_entry()
-        with gc_paused():
-            loaded = cache.load(entry) if entry is not None else None
+        loaded = cache.load(entry) if entry is not None else None
         if loaded is not None:
-            self.splits = {split: SplitData(**parts) for split, parts in loaded.items()}
             log.info("data cache hit: %s (no reading, rendering or tokenizing)", entry)
         else:
             started = time.perf_counter()
+            if entry is None:  # no cache: the same Arrow files, in a directory that lives as long as the run
+                root = Path(tempfile.mkdtemp(prefix="sftlab-data-"))
+                atexit.register(shutil.rmtree, root, ignore_errors=True)
+                entry = root / "entry"
+            build = cache.build_dir(entry.parent)
             with gc_paused():
-                self.splits = self._process()
-            log.info("data processed in %.2f s", time.perf_counter() - started)
-            if entry is not None:
-                cache.save(entry, self.splits)
-                log.info("data cached at %s", entry)
+                counts = self._process(build)
+            cache.commit(build, entry, counts)
+            loaded = cache.load(entry)
+            if loaded is None:
+                raise DataError(f"data: the processed splits written to {entry} cannot be read back.")
+            log.info("data processed in %.2f s into %s", time.perf_counter() - started, entry)
+        self.splits = {split: SplitData(**parts) for split, parts in loaded.items()}
         for split, data in self.splits.items():
             self._check_split(split, data)
 
-    def _process(self) -> dict[str, SplitData]:
+    def _process(self, build: Path) -> dict[str, dict[str, Any]]:
+        """Read, convert, dedupe and split the rows, then encode each split chunk by chunk straight into
+        its Arrow files under `build`; returns the counts per split."""
         conversations: dict[str, list[Conversation]] = {}
         skipped: dict[str, Counter] = {}
         for split, sources in self.sources.items():
             if not sources:
                 continue
-            rows: list[Row] = []
-            for k, src in enumerate(sources):
-                rows += weigh(read_source(src, f"data.{split}_path", split), src.weight, self.seed + k)
-            conversations[split], skipped[split] = convert_rows(rows, self.format, self.fields, self.on_error)
+            conversations[split], skipped[split] = [], Counter()
+            for k, src in enumerate(sources):  # one source's raw rows at a time beside the conversations
+                key = f"data.{split}_path"
+                rows: Iterable[Row] = (
+                    iter_rows(src, key, split)  # a JSONL file streams: its raw rows never all in memory
+                    if src.weight == 1
+                    else weigh(read_source(src, key, split), src.weight, self.seed + k)
+                )
+                convs, bad = convert_rows(rows, self.format, self.fields, self.on_error)
+                del rows
+                conversations[split] += convs
+                skipped[split].update(bad)
         duplicates = dict.fromkeys(conversations, 0)
         if self.dedupe:
             for split in conversations:
@@ -150,18 +196,30 @@ class SFTDataModule(pl.LightningDataModule):
             train, val = split_off(conversations["train"], self.val_fraction, self.seed)
             conversations["train"], conversations["val"] = train, val
             skipped["val"], duplicates["val"] = Counter(), 0
-        return {
-            split: encode_split(
-                convs,
-                self.template,
-                self.tokenizer,
-                skipped=skipped[split],
-                duplicates=duplicates[split],
-                packing=self.packing,
-                **self.encode_kwargs,
+        counts = {}
+        markers = special_strings(self.tokenizer)
+        for split in list(conversations):
+            with_markers = rows_with_markers(conversations[split], markers)
+            statuses: Counter = Counter()
+            pack_length = self.encode_kwargs["max_length"] if self.packing else None
+            packed_rows = cache.write_split(
+                build / split, self._chunks(conversations[split], statuses), pack_length
             )
-            for split, convs in conversations.items()
-        }
+            del conversations[split]  # on disk now; frees the memory before the next split
+            counts[split] = split_counts(statuses, skipped[split], duplicates[split])
+            counts[split]["chat_markers"] = with_markers
+            if packed_rows is not None:
+                counts[split]["packed_rows"] = packed_rows
+        return counts
+
+    def _chunks(self, conversations: list[Conversation], statuses: Counter) -> Iterator[tuple[Any, Any]]:
+        """Arrow tables of the split's kept examples, chunk by chunk; every status is counted into
+        `statuses` as the chunks pass."""
+        for counted, examples, rows in encoded_chunks(
+            conversations, self.template, self.tokenizer, num_proc=self.num_proc, **self.encode_kwargs
+        ):
+            statuses.update(counted)
+            yield examples, rows
 
     def _cache_entry(self) -> Path | None:
         if not self.cache_dir:
@@ -221,7 +279,7 @@ class SFTDataModule(pl.LightningDataModule):
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=collate_fn, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        trainer, examples = self.trainer, self.splits["train"].examples
+        trainer = self.trainer
         self.sampler = StepPlanSampler(
             self.splits["train"].num_targets,
             batch_size=self.batch_size,
@@ -230,7 +288,7 @@ class SFTDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             shuffle=self.shuffle,
             seed=self.seed,
-            lengths=[len(ex.input_ids) for ex in examples] if self.group_by_length else None,
+            lengths=self.splits["train"].lengths if self.group_by_length else None,
         )
         resume = getattr(self, "_resume_state", None)
         if resume:  # set by load_state_dict when Lightning restores a checkpoint
@@ -241,7 +299,9 @@ class SFTDataModule(pl.LightningDataModule):
         # Own generator: creating the loader iterator then draws nothing from the global torch RNG, so a
         # resumed run (which creates it mid-epoch) keeps the same dropout stream as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(Examples(examples), batch_sampler=self.sampler, generator=generator)
+        return self._loader(
+            Examples(self.splits["train"].examples), batch_sampler=self.sampler, generator=generator
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: where the train sample stream stands, for an exact mid-epoch resume.

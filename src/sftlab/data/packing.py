@@ -21,11 +21,18 @@ from sftlab.data.tokenize import Encoded
 
 def pack(examples: Sequence[Encoded], max_length: int) -> list[Encoded]:
     """Pack examples (each no longer than `max_length`) into rows; deterministic for a given input."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    plan = pack_plan([len(ex.input_ids) for ex in examples], max_length)
+    return [_concat([examples[i] for i in row]) for row in plan]
+
+
+def pack_plan(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Which examples go into which row, from their lengths alone (so a large split can be packed without
+    holding its examples in memory)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index)
     for i in order:
-        n = len(examples[i].input_ids)
+        n = lengths[i]
         if n > max_length:
             raise ValueError(f"example of {n} tokens is longer than max_length={max_length}; truncate first")
         k = bisect.bisect_left(free, (n, -1))
@@ -38,7 +45,7 @@ def pack(examples: Sequence[Encoded], max_length: int) -> list[Encoded]:
             room -= n
         if room > 0:
             bisect.insort(free, (room, row))
-    return [_concat([examples[i] for i in row]) for row in rows]
+    return rows
 
 
 def _concat(parts: Sequence[Encoded]) -> Encoded:

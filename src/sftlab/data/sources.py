@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,23 +110,35 @@ def read_jsonl(path: str, key: str) -> list[Row]:
 def jsonl_rows(file: Path) -> list[Row]:
     """Rows of a JSONL file with `file:line`; blank lines are skipped; BOM and CRLF are accepted; an
     unparsable line becomes a BadRow in place, so lenient mode can count it."""
-    rows: list[Row] = []
+    return list(iter_jsonl_rows(file))
+
+
+def iter_rows(source: Source, key: str, split: str) -> Iterator[Row]:
+    """`read_source`'s rows one at a time where the reader allows it (JSONL), so a large file's raw rows
+    are never all in memory; other sources are read whole."""
+    file = _local_file(source.path, key)
+    if file is not None and file.suffix == ".jsonl":
+        return iter_jsonl_rows(file)
+    return iter(read_source(source, key, split))
+
+
+def iter_jsonl_rows(file: Path) -> Iterator[Row]:
+    """`jsonl_rows`, one row at a time."""
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{file}:{lineno}"
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
-                rows.append((where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")))
+                yield where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")
                 continue
             if not line.strip():
                 continue
             try:
-                rows.append((where, json.loads(line)))
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 reason = f"invalid JSON ({err.msg} at column {err.colno}). Fix or remove the line."
-                rows.append((where, BadRow(where, "bad_json", reason)))
-    return rows
+                yield where, BadRow(where, "bad_json", reason)
 
 
 def read_json(file: Path) -> list[Row]:
