@@ -51,6 +51,23 @@ class Segment:
     kind: str = "text"
 
 
+def reasoning_segments(
+    think_open: str, think_close: str, lead: str, reasoning: str, trained: bool, literal: bool
+) -> list[Segment]:
+    """`{think_open}{reasoning}{think_close}`, cut where the vendor's whole-string tokenization cuts: the
+    whitespace before `</think>` goes with the reasoning (byte-level BPE merges "." and "\n" into one token),
+    and an empty block is one piece of markup ("<think>\n\n</think>": "\n\n" is one token)."""
+    if not reasoning:
+        return [Segment(lead + think_open + think_close, trained, kind="reasoning")]
+    close = think_close.lstrip()
+    space = think_close[: len(think_close) - len(close)]
+    return [
+        Segment(lead + think_open, trained, kind="reasoning"),
+        Segment(reasoning + space, trained, literal=literal, kind="reasoning"),
+        Segment(close, trained, kind="reasoning"),
+    ]
+
+
 @dataclass
 class ChatTemplate:
     """A role-tagged template: `{prefix}{content}{suffix}` per message, strings per role.
@@ -145,18 +162,9 @@ class ChatTemplate:
         return msgs
 
     def _reasoning(self, lead: str, reasoning: str, trained: bool) -> list[Segment]:
-        """`{think_open}{reasoning}{think_close}`, cut where the vendor's whole-string tokenization cuts:
-        the whitespace before `</think>` goes with the reasoning (byte-level BPE merges "." and "\n" into
-        one token), and an empty block is one piece of markup ("<think>\n\n</think>": "\n\n" is one token)."""
-        if not reasoning:
-            return [Segment(lead + self.think_open + self.think_close, trained, kind="reasoning")]
-        close = self.think_close.lstrip()
-        space = self.think_close[: len(self.think_close) - len(close)]
-        return [
-            Segment(lead + self.think_open, trained, kind="reasoning"),
-            Segment(reasoning + space, trained, literal=self.literal_content, kind="reasoning"),
-            Segment(close, trained, kind="reasoning"),
-        ]
+        return reasoning_segments(
+            self.think_open, self.think_close, lead, reasoning, trained, self.literal_content
+        )
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
         tools, msgs = split_tools(messages)
@@ -444,18 +452,7 @@ class TokenizerTemplate:
         return [s for s in segments if s.text]
 
     def _reasoning(self, lead: str, reasoning: str, trained: bool) -> list[Segment]:
-        """`{think_open}{reasoning}{think_close}`, cut where the vendor's whole-string tokenization cuts:
-        the whitespace before `</think>` goes with the reasoning (byte-level BPE merges "." and "\n" into
-        one token), and an empty block is one piece of markup ("<think>\n\n</think>": "\n\n" is one token)."""
-        if not reasoning:
-            return [Segment(lead + self.think_open + self.think_close, trained, kind="reasoning")]
-        close = self.think_close.lstrip()
-        space = self.think_close[: len(self.think_close) - len(close)]
-        return [
-            Segment(lead + self.think_open, trained, kind="reasoning"),
-            Segment(reasoning + space, trained, literal=True, kind="reasoning"),
-            Segment(close, trained, kind="reasoning"),
-        ]
+        return reasoning_segments(self.think_open, self.think_close, lead, reasoning, trained, literal=True)
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
         tools, msgs = split_tools(messages)
