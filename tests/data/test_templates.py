@@ -179,3 +179,41 @@ def test_placeholder_needs_bind(tokenizer):
         alpaca.render(CONVERSATION)
     assert alpaca.bind(tokenizer).render(CONVERSATION)[-1].text == "\n"
     assert not alpaca.uses_bos()  # SmolLM2's tokenizer adds no BOS of its own
+
+
+def test_llama3_renders_tools_in_the_first_user_turn_and_ends_a_call_with_eom():
+    """The schemas open the first user message (after its header), untrained; the calls and their
+    <|eom_id|> are trained; the result sits under the ipython header, untrained."""
+    from sftlab.data.formats import to_messages
+    from sftlab.data.tools import LLAMA3_TOOLS_INSTRUCTION
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    call = {"function": {"name": "f", "arguments": "{}"}}
+    rows = [
+        {"role": "user", "content": "Go"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "Done"},
+    ]
+    conversation = to_messages({"messages": rows, "tools": [tool]}, "messages", "test:1")
+    tpl = instantiate(build.compose(["template=llama3"]).template, _convert_="all")
+    segments = [(s.text, s.train, s.kind) for s in tpl.render(conversation)]
+    schema = (
+        LLAMA3_TOOLS_INSTRUCTION + '{\n    "type": "function",\n    "function": {\n        "name": "f",\n'
+        '        "parameters": {\n            "type": "object"\n        }\n    }\n}\n\n'
+    )
+    assert segments == [
+        ("<|start_header_id|>user<|end_header_id|>\n\n", False, "text"),
+        (schema, False, "tools"),
+        ("Go", False, "text"),
+        ("<|eot_id|>", False, "text"),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", False, "text"),
+        ('{"type": "function", "name": "f", "parameters": {}}', True, "tool_call"),
+        ("<|eom_id|>", True, "text"),
+        ("<|start_header_id|>ipython<|end_header_id|>\n\n", False, "tool_result"),
+        ("ok", False, "tool_result"),
+        ("<|eot_id|>", False, "tool_result"),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", False, "text"),
+        ("Done", True, "text"),
+        ("<|eot_id|>", True, "text"),
+    ]

@@ -309,6 +309,117 @@ def test_mistral_v3_tool_calls_match_mistral_common(mistral, name):
     )
 
 
+# ---- tool calls: Llama 3.1's JSON calls (Meta's ChatFormat) and schemas (Meta's 3.1 Jinja) ---------------
+LLAMA3_TOOLS = {
+    "one_call": MISTRAL_TOOLS["one_call"],
+    "parallel_calls": MISTRAL_TOOLS["parallel_calls"],
+    "two_rounds": (
+        [weather_tool(), weather_tool("get_time", None)],
+        [
+            {"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "Weather in Paris, then in Tokyo?"},
+            calls(PARIS),
+            result("call00001", '{"temp_c": 18}'),
+            calls(TOKYO),
+            result("call00002", "晴れ"),
+            {"role": "assistant", "content": "Paris 18 °C, Tokyo sunny."},
+        ],
+    ),
+    "call_is_last_turn": MISTRAL_TOOLS["call_is_last_turn"],
+}
+
+
+def llama31_jinja_first_user(tools: list[dict], content: str) -> str:
+    """The text of the first user message as Meta's Llama 3.1 Jinja (TRL's copy) renders it with `tools`."""
+    text = vendor.trl_chat_template("llama3_1")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[[{"role": "user", "content": content}]], tools=tools, chat_template=text
+    )
+    header = "<|start_header_id|>user<|end_header_id|>\n\n"
+    return rendered[0].split(header, 1)[1].split("<|eot_id|>", 1)[0]
+
+
+def llama_tool_dialog(tools: list[dict], messages: list[dict]):
+    """OpenAI messages as Meta's RawMessages: a call turn ends for its result (stop reason end_of_message);
+    the first user message is the 3.1 Jinja's (schemas + instruction + content): ChatFormat has no schemas."""
+    import json
+
+    from llama_models.datatypes import RawMessage, StopReason, ToolCall
+
+    out, first = [], True
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(part["text"] for part in content)
+        if m["role"] == "user" and first:
+            content, first = llama31_jinja_first_user(tools, content), False
+        if m.get("tool_calls"):
+            tool_calls = [
+                ToolCall(
+                    call_id=c["id"],
+                    tool_name=c["function"]["name"],
+                    arguments=json.loads(c["function"]["arguments"]),
+                )
+                for c in m["tool_calls"]
+            ]
+            out.append(
+                RawMessage(
+                    role="assistant",
+                    content="",
+                    tool_calls=tool_calls,
+                    stop_reason=StopReason.end_of_message,
+                )
+            )
+        else:
+            out.append(RawMessage(role=m["role"], content=content))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA3_TOOLS))
+def test_llama3_tool_calls_match_meta_chat_format(llama3, name):
+    from llama_models.datatypes import ToolPromptFormat
+
+    from sftlab.data.formats import to_messages
+
+    tokenizer, fmt, tpl = llama3
+    tools, messages = LLAMA3_TOOLS[name]
+    ours = to_messages({"messages": messages, "tools": tools}, "messages", "test:1")
+    raw = llama_tool_dialog(tools, messages)
+
+    def encode(m):
+        return fmt.encode_message(m, ToolPromptFormat.json)[0]
+
+    header = len(fmt._encode_header("assistant"))
+    check_against_vendor(
+        tpl,
+        tokenizer,
+        ours,
+        [fmt.tokenizer.bos_id] + [t for m in raw for t in encode(m)],
+        lambda i: fmt.encode_dialog_prompt(raw[: i - 1]).tokens,  # ours[0] is the tools message
+        lambda i: encode(raw[i - 1])[header:],
+    )
+
+
+def test_llama3_trains_the_calls_and_answer_never_the_schemas_or_results(llama3):
+    from sftlab.data.formats import to_messages
+
+    tokenizer, _, tpl = llama3
+    tools, messages = LLAMA3_TOOLS["two_rounds"]
+    ours = to_messages({"messages": messages, "tools": tools}, "messages", "test:1")
+    ex = encode_conversations([ours], tpl, tokenizer)[0]
+    assert [tokenizer.decode(run) for run in supervised_runs(ex.input_ids, ex.labels)] == [
+        '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
+        '{"type": "function", "name": "get_weather", "parameters": {"city": "\\u6771\\u4eac"}}<|eom_id|>',
+        "Paris 18 °C, Tokyo sunny.<|eot_id|>",
+    ]
+    text = tokenizer.decode(ex.input_ids)
+    assert "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please" in text
+    assert '"name": "get_time"' in text
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n晴れ<|eot_id|>" in text
+
+
 def test_templates_without_a_tool_format_refuse_tool_calls(qwen):
     from sftlab.data.formats import to_messages
     from sftlab.errors import DataError

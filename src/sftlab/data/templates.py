@@ -185,14 +185,19 @@ class ChatTemplate:
                 or (role == "assistant" and train_on == "all_assistant")
                 or (i == last_assistant and train_on == "last_assistant")
             )
+            schemas = []
             if tools and i == first_user:  # schemas go with the first user turn, as system messages do
-                segments += [
+                schemas = [
                     Segment(fmt.tools_open, every, kind="tools"),
                     Segment(fmt.schemas(tools), every, literal=self.literal_content, kind="tools"),
                     Segment(fmt.tools_close, every, kind="tools"),
                 ]
             markup = "tool_result" if role == "tool" else "text"
+            if fmt is None or not fmt.schemas_in_user:
+                segments += schemas
+                schemas = []
             segments.append(Segment(self._prefix(role), every, kind=markup))
+            segments += schemas
             lead = self._fill(self.leads.get(role, ""))
             if role == "assistant" and REASONING_KEY in m:
                 # The lead (Mistral's space) goes before the block, the answer follows the block directly.
@@ -214,7 +219,10 @@ class ChatTemplate:
                 content = fmt.result(m) if fmt and role == "tool" else m["content"]
                 content = content.rstrip(self.rstrip[role]) if role in self.rstrip else content
                 segments.append(Segment(lead + content, trained, literal=self.literal_content, kind=markup))
-            segments.append(Segment(self._suffix(role), trained, kind=markup))
+            suffix = self._suffix(role)
+            if role == "assistant" and m.get("tool_calls") and fmt.calls_end is not None:
+                suffix = fmt.calls_end
+            segments.append(Segment(suffix, trained, kind=markup))
             if self.separator:
                 segments.append(Segment(self._fill(self.separator), every))
         return [s for s in segments if s.text]

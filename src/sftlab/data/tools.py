@@ -49,6 +49,11 @@ class ToolFormat:
     tools_open: str  # before the schemas, which precede the first user turn
     tools_close: str
     calls_open: str  # the model's first output token of a tool-call turn (trained)
+    # The end token of a tool-call turn (trained), None: the template's assistant suffix.
+    calls_end: str | None = None
+    # True: the schemas open the first user message, after its header (Llama 3.1); False: they precede the
+    # first user turn (Mistral's [AVAILABLE_TOOLS]).
+    schemas_in_user: bool = False
 
     def schemas(self, tools: list[dict]) -> str:
         raise NotImplementedError
@@ -91,7 +96,45 @@ class MistralV3(ToolFormat):
         return json.dumps(body, ensure_ascii=False)  # after the template's lead space
 
 
+# Meta's Llama 3.1 chat template (tools_in_user_message, the default), word for word: the schemas open the
+# first user message.
+LLAMA3_TOOLS_INSTRUCTION = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+class Llama3Json(ToolFormat):
+    """Llama 3.1's JSON tool calls as Meta's own encoder (`llama-models` ChatFormat, ToolPromptFormat.json)
+    writes them: each call `{"type": "function", "name", "parameters"}` (json.dumps defaults, so non-ASCII is
+    \\u-escaped), calls back to back, the turn ended by `<|eom_id|>` (the model stops for the result: the stop
+    reason end_of_message). ChatFormat has no place for schemas; they follow Meta's Llama 3.1 Jinja. Results
+    go under the `ipython` role as written."""
+
+    def schemas(self, tools: list[dict]) -> str:
+        # `tojson(indent=4)` of transformers' chat templates: json.dumps without ASCII escaping.
+        return LLAMA3_TOOLS_INSTRUCTION + "".join(
+            json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools
+        )
+
+    def calls(self, tool_calls: list[dict]) -> str:
+        return "".join(
+            json.dumps(
+                {"type": "function", "name": c["function"]["name"], "parameters": c["function"]["arguments"]}
+            )
+            for c in tool_calls
+        )
+
+    def result(self, message: dict) -> str:
+        return message["content"]
+
+
 FORMATS: dict[str, ToolFormat] = {
+    "llama3_json": Llama3Json(
+        "llama3_json", "", "", calls_open="", calls_end="<|eom_id|>", schemas_in_user=True
+    ),
     "mistral_v3": MistralV3(
         "mistral_v3", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", calls_open="[TOOL_CALLS]"
     ),
@@ -109,6 +152,7 @@ def tool_format(name: str | None, template: str) -> ToolFormat | None:
 def no_tool_format(template: str) -> DataError:
     return DataError(
         f"template={template} has no tool format, so this conversation's tools / tool_calls cannot be "
-        "rendered as the model expects (they are never flattened into text silently). Use template=mistral, "
-        "or template=tokenizer with a tokenizer whose chat template renders tools (e.g. Qwen, Llama 3.1)."
+        "rendered as the model expects (they are never flattened into text silently). Use template=mistral "
+        "or template=llama3, or template=tokenizer with a tokenizer whose chat template renders tools "
+        "(e.g. Qwen)."
     )
