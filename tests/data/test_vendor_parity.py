@@ -420,6 +420,16 @@ def test_llama3_trains_the_calls_and_answer_never_the_schemas_or_results(llama3)
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n晴れ<|eot_id|>" in text
 
 
+def test_llama3_generation_stops_after_a_tool_call_and_gguf_names_eot(llama3):
+    from sftlab.export.gguf import eot_token_id
+    from sftlab.model.generate import stop_token_ids
+
+    tokenizer, _, tpl = llama3
+    eot, eom = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"])
+    assert {eot, eom} <= set(stop_token_ids(tpl, tokenizer))
+    assert eot_token_id(tpl, tokenizer) == eot
+
+
 def test_templates_without_a_tool_format_refuse_tool_calls(qwen):
     from sftlab.data.formats import to_messages
     from sftlab.errors import DataError

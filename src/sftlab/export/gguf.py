@@ -71,6 +71,15 @@ class Written:
     add_bos: bool
 
 
+def eot_token_id(template: Any, tokenizer: Any) -> int:
+    """The id that ends an assistant turn: the template's first stop string when it is one token, else EOS."""
+    for text in getattr(template, "stop_strings", None) or []:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return ids[0]
+    return tokenizer.eos_token_id
+
+
 def check_quant(quant: str) -> tuple[Q, gguf.LlamaFileType]:
     if quant not in QUANTS:
         raise ConfigError(f"quant={quant!r}: use one of {', '.join(QUANTS)}.")
@@ -222,8 +231,9 @@ def write_gguf(
         tokenizer.save_pretrained(tmp)
         _vocab(tokenizer, Path(tmp), writer)
     stops = stop_token_ids(template, tokenizer)
-    # the template's end of turn (not EOS, where they differ: Llama 3's <|eot_id|> vs <|end_of_text|>)
-    eot = next((i for i in stops if i != tokenizer.eos_token_id), tokenizer.eos_token_id)
+    # the template's end of turn: its first stop string (Llama 3's <|eot_id|>, not <|end_of_text|> nor the
+    # <|eom_id|> that ends a tool-call turn), else EOS
+    eot = eot_token_id(template, tokenizer)
     writer.add_eot_token_id(eot)
     add_bos = bool(template.uses_bos())
     writer.add_add_bos_token(add_bos)
