@@ -41,6 +41,7 @@ CHECK_LABELS = {
     "repetitive": "repetitive responses",
     "control_chars": "invisible / control characters",
     "echoes": "responses echoing the prompt",
+    "chat_markers": "chat markers in content",
     "truncated": "truncated at max_length",
     "dropped": "dropped at max_length",
     "top_kind_share": "share of the top instruction kind",
