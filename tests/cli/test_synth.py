@@ -197,6 +197,21 @@ def test_expand_writes_new_distinct_prompts_then_answers_them_and_resumes(tmp_pa
     assert rounds == [0, 4, 5]
 
 
+def test_rouge_l_equals_the_lcs_f1_rouge_score_computes():
+    from sftlab.eval.synth import rouge_l, rouge_tokens
+
+    a, b = (
+        rouge_tokens("Write a short poem about the sea."),
+        rouge_tokens("write a SHORT poem, about the ocean!"),
+    )
+    assert a == ["write", "a", "short", "poem", "about", "the", "sea"]
+    assert rouge_l(a, b) == pytest.approx(2 * 6 / 14)
+    # LCS, not overlap: the same words in another order share only the longest subsequence
+    assert rouge_l(rouge_tokens("a b c d"), rouge_tokens("d c b a")) == pytest.approx(2 * 1 / 8)
+    assert rouge_l(rouge_tokens("a b c d"), rouge_tokens("a x c y d")) == pytest.approx(2 * 3 / 9)
+    assert rouge_l([], b) == 0.0
+
+
 def test_local_teacher_samples_with_the_settings_seeds(tiny_model, tokenizer, chatml):
     from types import SimpleNamespace
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -366,6 +367,28 @@ EXPAND_REQUEST = (
 )
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """Words as `rouge-score`'s default tokenizer makes them: lower case, runs of letters and digits."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l(a: Sequence[str], b: Sequence[str]) -> float:
+    """ROUGE-L F1 of two token lists (longest common subsequence), as `rouge-score` computes it.
+
+    Our own 10 lines rather than the package: importing `rouge_score` imports `absl.logging`, whose handler
+    keeps the stderr it found at import and closes it when logging is reconfigured later (uvicorn's
+    dictConfig does), which took a long-lived process's stderr with it."""
+    if not a or not b:
+        return 0.0
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
+
+
 def expanded_path(out: Path) -> Path:
     return out.with_name(out.stem + ".expanded.jsonl")
 
@@ -395,19 +418,15 @@ def expand_prompts(prompts: Sequence[Prompt], s: SynthSettings, teacher: Any, fi
     continues with the next round, so none is lost or written twice. At most 10 rounds per wanted prompt,
     so a teacher that keeps repeating itself ends the expansion (logged) rather than the run.
 
-    ROUGE-L through `rouge_score`, the scorer the paper used."""
+    ROUGE-L as the paper's scorer (`rouge-score`) computes it, see `rouge_l`."""
     import random
 
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise ConfigError("expand needs rouge-score: pip install 'sftlab[synth]'") from None
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
     done_prompts(file)  # cuts a line a kill left half written
     lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
     new = read_prompts(str(file), "messages", key="expanded")[0] if lines else []
     round_ = max((json.loads(line)["provenance"]["round"] + 1 for line in lines), default=0)
     pool = [_instruction(p.history) for p in [*prompts, *new]]
+    pool_tokens = [rouge_tokens(t) for t in pool]
     while len(new) < s.expand and round_ < 10 * s.expand:
         rng = random.Random((s.seed or 0) * 1_000_003 + round_)
         examples = rng.sample(pool, min(s.expand_examples, len(pool)))
@@ -417,7 +436,8 @@ def expand_prompts(prompts: Sequence[Prompt], s: SynthSettings, teacher: Any, fi
             task = parse_task(text)
             if task is None or len(new) >= s.expand:
                 continue
-            if any(scorer.score(old, task)["rougeL"].fmeasure >= s.expand_max_rouge for old in pool):
+            tokens = rouge_tokens(task)
+            if any(rouge_l(old, tokens) >= s.expand_max_rouge for old in pool_tokens):
                 continue
             history = [{"role": "user", "content": task}]
             prompt = Prompt(f"{file}:{len(new) + 1}", history, None, prompt_sha256(history))
@@ -429,6 +449,7 @@ def expand_prompts(prompts: Sequence[Prompt], s: SynthSettings, teacher: Any, fi
             }
             append_row(file, {"messages": history, "provenance": provenance})
             pool.append(task)
+            pool_tokens.append(tokens)
             new.append(prompt)
         round_ += 1
     if len(new) < s.expand:
