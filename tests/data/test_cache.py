@@ -116,32 +116,21 @@ def test_with_two_workers_strict_mode_names_the_first_bad_line_and_lenient_count
     strict = SFTDataModule(tokenizer, chatml, str(path), cache_dir=None, max_length=40, num_proc=2)
     with pytest.raises(DataError, match=rf"{path}:14\b.*invalid JSON"):
         strict.setup()
-    lenient = SFTDataModule(
-        tokenizer,
-        chatml,
-        str(path),
-        cache_dir=None,
-        max_length=20,
-        num_proc=2,
-        on_error="skip",
-        max_drop_ratio=1,
-    )
-    lenient.setup()
+
+    def lenient_with(num_proc: int) -> SFTDataModule:
+        dm = SFTDataModule(
+            tokenizer, chatml, str(path), cache_dir=None, max_length=20, num_proc=num_proc, on_error="skip",
+            max_drop_ratio=1,
+        )  # fmt: skip
+        dm.setup()
+        return dm
+
+    lenient = lenient_with(2)
     c = lenient.counts()["train"]
     assert c["rows"] == 30 and c["skipped"]["bad_json"] == 1 and sum(c["skipped"].values()) == 2
     assert c["rows"] == c["kept"] + sum(c["dropped"].values()) + sum(c["skipped"].values())
     assert c["kept"] > 0 and c["truncated"] > 0
-    one_process = SFTDataModule(
-        tokenizer,
-        chatml,
-        str(path),
-        cache_dir=None,
-        max_length=20,
-        num_proc=1,
-        on_error="skip",
-        max_drop_ratio=1,
-    )
-    one_process.setup()
+    one_process = lenient_with(1)
     assert one_process.counts() == lenient.counts()
     assert list(one_process.splits["train"].examples) == list(lenient.splits["train"].examples)
 

@@ -111,18 +111,23 @@ def test_controls_fail_the_same_check(model, encoded, tokenizer):
         assert (wrong[a:b] - alone).abs().max() > 1e-3
 
 
+def labels_of_one(packed, rows, ex) -> torch.Tensor:
+    """The packed batch's labels with only the example `ex` left trained (where it sits among the rows)."""
+    labels = torch.full_like(packed["labels"], IGNORE_INDEX)
+    for r, row in enumerate(rows):
+        for a, b in _spans(row.position_ids):
+            if row.input_ids[a:b] == ex.input_ids:
+                labels[r, a:b] = packed["labels"][r, a:b]
+    return labels
+
+
 def test_per_example_loss_is_the_same_packed_and_unpacked(model, encoded, tokenizer):
     rows = pack(encoded, max_length=128)
     packed = batch_of(rows, tokenizer.pad_token_id)  # with its boundaries, which the loss passes on
     assert int(packed["cu_seq_lens_q"][-1]) == packed["input_ids"].numel()
     for k, ex in enumerate(encoded):
         alone_sum, alone_n = token_loss_sum(model, batch_of([ex], tokenizer.pad_token_id))
-        # The same example inside the packed batch: keep only its labels.
-        labels = torch.full_like(packed["labels"], IGNORE_INDEX)
-        for r, row in enumerate(rows):
-            for a, b in _spans(row.position_ids):
-                if row.input_ids[a:b] == ex.input_ids:
-                    labels[r, a:b] = packed["labels"][r, a:b]
+        labels = labels_of_one(packed, rows, ex)
         with torch.no_grad():
             packed_sum, packed_n = token_loss_sum(model, {**packed, "labels": labels})
         assert int(packed_n) == int(alone_n) > 0, k

@@ -18,11 +18,11 @@ from pytorch_lightning.utilities import move_data_to_device
 
 from sftlab import build
 from sftlab.data.packing import pack
-from sftlab.data.tokenize import IGNORE_INDEX, encode_conversations
+from sftlab.data.tokenize import encode_conversations
 from sftlab.model.forward import token_loss_sum
 from sftlab.model.generate import generate
 from tests.conftest import quiet_trainer, small_iso_data
-from tests.data.test_packing import CONVERSATIONS, _spans, batch_of
+from tests.data.test_packing import CONVERSATIONS, batch_of, labels_of_one
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,11 +143,7 @@ def test_packed_rows_give_each_example_its_unpacked_loss_on_the_gpu(attention, t
     tol = 1e-2 if dtype == "bfloat16" else 1e-4  # bf16: rounding differs with the batch shape
     for k, ex in enumerate(encoded):
         alone = move_data_to_device(batch_of([ex], tokenizer.pad_token_id), "cuda")
-        labels = torch.full_like(packed["labels"], IGNORE_INDEX)
-        for r, row in enumerate(rows):
-            for a, b in _spans(row.position_ids):
-                if row.input_ids[a:b] == ex.input_ids:
-                    labels[r, a:b] = packed["labels"][r, a:b]
+        labels = labels_of_one(packed, rows, ex)
         with torch.no_grad():
             alone_sum, alone_n = token_loss_sum(model, alone)
             packed_sum, packed_n = token_loss_sum(model, {**packed, "labels": labels})

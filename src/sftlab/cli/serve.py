@@ -58,6 +58,7 @@ from sftlab.data.tokenize import encode_prompt
 from sftlab.errors import ConfigError, SFTLabError
 from sftlab.model import generate
 from sftlab.model.generate import Sampling, stop_token_ids
+from sftlab.review import server as review_server
 
 log = logging.getLogger("sftlab.serve")
 
@@ -396,12 +397,7 @@ def context_limit(run: LoadedRun, args: ServeArgs) -> int | None:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket with a deep backlog: a burst of clients waits to be answered (maybe with a 503),
     instead of having its connections reset."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
+    return review_server.bind(host, port, backlog=2048)
 
 
 def check(args: ServeArgs) -> None:

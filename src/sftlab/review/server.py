@@ -218,13 +218,14 @@ def loopback_hosts(host: str) -> list[str] | None:
     return sorted({host, "127.0.0.1", "localhost", "[::1]"})
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one), bound before the URL is printed so the URL is usable."""
+def bind(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening socket (port 0: a free one), bound before the URL is printed so the URL is usable.
+    `backlog`: connections the kernel queues before resetting new ones (sftlab-serve wants a deep one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(128)
+    sock.listen(backlog)
     return sock
 
 
