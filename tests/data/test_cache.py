@@ -91,16 +91,16 @@ def test_workers_encode_exactly_what_one_process_does(tokenizer, chatml):
     convs = [conv(i)["messages"] for i in range(23)]
     kwargs = {"max_length": 18, "truncation": "drop", "train_on": "all_assistant"}
     chunks = list(pipeline.encoded_chunks(convs, chatml, tokenizer, num_proc=2, chunk_size=5, **kwargs))
-    assert [sum(counted.values()) for counted, _, _ in chunks] == [5, 5, 5, 5, 3]
+    assert [sum(counted.values()) for counted, *_ in chunks] == [5, 5, 5, 5, 3]
     reference = encode_conversations(convs, chatml, tokenizer, **kwargs)
     kept = [(e, c) for e, c in zip(reference, convs, strict=True) if not e.dropped]
     assert 0 < len(kept) < len(convs)
-    assert sum((counted for counted, _, _ in chunks), Counter()) == Counter(e.status for e in reference)
-    examples = [row for _, table, _ in chunks for row in table.to_pylist()]
+    assert sum((counted for counted, *_ in chunks), Counter()) == Counter(e.status for e in reference)
+    examples = [row for _, table, *_ in chunks for row in table.to_pylist()]
     assert [(r["input_ids"], r["labels"], r["status"]) for r in examples] == [
         (e.input_ids, e.labels, e.status) for e, _ in kept
     ]
-    rows = [json.loads(row["json"]) for _, _, table in chunks for row in table.to_pylist()]
+    rows = [json.loads(row["json"]) for _, _, table, _ in chunks for row in table.to_pylist()]
     assert rows == [c for _, c in kept]
 
 

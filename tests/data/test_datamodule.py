@@ -47,8 +47,7 @@ def test_second_run_is_a_cache_hit_and_does_no_tokenizing(tokenizer, chatml, tmp
         raise AssertionError("the cached run must not read or tokenize")
 
     monkeypatch.setattr(pipeline, "encode_conversations", forbidden)
-    monkeypatch.setattr(dm_module, "read_source", forbidden)
-    monkeypatch.setattr(dm_module, "iter_rows", forbidden)
+    monkeypatch.setattr(dm_module, "raw_chunks", forbidden)
     second = make(tokenizer, chatml, path, cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
     with caplog.at_level(logging.INFO, logger="sftlab.data.datamodule"):
         second.setup()

@@ -20,6 +20,7 @@ temporary directory and renamed into place, so a killed run never leaves half an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,43 @@ FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
 
 
-def file_digest(path: str | Path) -> str:
-    """blake2b of the file's bytes (about 1 GB/s): touching a file does not invalidate it, editing does."""
+def file_digest(path: str | Path, memo: Path | None = None) -> str:
+    """blake2b of the file's bytes (about 1 GB/s): touching a file does not invalidate it, editing does.
+
+    With `memo` (a directory beside the cache entries) the digest is remembered with the file's stat stamp
+    (size, mtime and ctime in ns, inode, device) and reused while the stamp is unchanged, so a cached reload
+    of a 500 MB file does not read it again. ctime cannot be set back by a user (any write or `touch -d`
+    moves it to now), so an edit that keeps the size and restores the mtime is still seen. A file changed
+    within the last few seconds is not remembered: two writes inside one timestamp tick would share a
+    stamp (git's "racily clean" index entries have the same guard)."""
+    if memo is None:
+        return _hash_file(path)
+    before = os.stat(path)
+    stamp = _stamp(before)
+    record = memo / (hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24] + ".json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved["stamp"] == stamp:
+            return saved["digest"]
+    digest = _hash_file(path)
+    settled = time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) > RACY_NS
+    if settled and _stamp(os.stat(path)) == stamp:  # not changing while it was read
+        with contextlib.suppress(OSError):  # a read-only cache still works, it just hashes every time
+            memo.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "digest": digest}))
+            os.replace(tmp, record)
+    return digest
+
+
+RACY_NS = 3_000_000_000  # how recently changed a file must not be for its digest to be remembered
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _hash_file(path: str | Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -168,20 +205,20 @@ def targets(labels: Sequence[int]) -> int:
     return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
 
 
-def arrow_tables(kept: Sequence[tuple[Encoded, Any]]) -> tuple[Any, Any]:
-    """(examples, rows) Arrow tables of kept (example, conversation) pairs, in the cache's schema."""
+def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[str]) -> tuple[Any, Any]:
+    """(examples, rows) Arrow tables of kept examples and their conversations (as JSON text), in the
+    cache's schema."""
     import pyarrow as pa
 
-    examples = {
-        "input_ids": [ex.input_ids for ex, _ in kept],
-        "labels": [ex.labels for ex, _ in kept],
-        "status": [ex.status for ex, _ in kept],
-        "num_targets": [targets(ex.labels) for ex, _ in kept],
+    columns = {
+        "input_ids": [ex.input_ids for ex in examples],
+        "labels": [ex.labels for ex in examples],
+        "status": [ex.status for ex in examples],
+        "num_targets": [targets(ex.labels) for ex in examples],
     }
-    rows = {"json": [json.dumps(conv, ensure_ascii=False) for _, conv in kept]}
     return (
-        pa.Table.from_pydict(examples, schema=_features(False).arrow_schema),
-        pa.Table.from_pydict(rows, schema=_row_features().arrow_schema),
+        pa.Table.from_pydict(columns, schema=_features(False).arrow_schema),
+        pa.Table.from_pydict({"json": list(rows_json)}, schema=_row_features().arrow_schema),
     )
 
 

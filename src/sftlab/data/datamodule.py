@@ -20,38 +20,30 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from sftlab.data import cache
+from sftlab.data import cache, pipeline
 from sftlab.data.collate import Examples, collate
-from sftlab.data.formats import Conversation
 from sftlab.data.pipeline import (
     SplitData,
-    convert_rows,
-    dedupe,
+    Workers,
     default_num_proc,
-    encoded_chunks,
+    first_occurrences,
     gc_paused,
-    rows_with_markers,
+    read_converted,
     split_counts,
-    split_off,
+    split_indices,
+    write_converted,
 )
 from sftlab.data.quality import special_strings
 from sftlab.data.reasoning import POLICIES as REASONING_POLICIES
 from sftlab.data.sampler import StepPlanSampler
-from sftlab.data.sources import (
-    ON_ERROR,
-    Row,
-    iter_rows,
-    parse_sources,
-    read_source,
-    source_fingerprint,
-    weigh,
-)
+from sftlab.data.sources import ON_ERROR, parse_sources, raw_chunks, source_fingerprint
 from sftlab.data.tokenize import Template
 from sftlab.errors import ConfigError, DataError
 
@@ -169,65 +161,86 @@ class SFTDataModule(pl.LightningDataModule):
             self._check_split(split, data)
 
     def _process(self, build: Path) -> dict[str, dict[str, Any]]:
-        """Read, convert, dedupe and split the rows, then encode each split chunk by chunk straight into
-        its Arrow files under `build`; returns the counts per split."""
-        conversations: dict[str, list[Conversation]] = {}
-        skipped: dict[str, Counter] = {}
-        for split, sources in self.sources.items():
-            if not sources:
-                continue
-            conversations[split], skipped[split] = [], Counter()
-            for k, src in enumerate(sources):  # one source's raw rows at a time beside the conversations
-                key = f"data.{split}_path"
-                rows: Iterable[Row] = (
-                    iter_rows(src, key, split)  # a JSONL file streams: its raw rows never all in memory
-                    if src.weight == 1
-                    else weigh(read_source(src, key, split), src.weight, self.seed + k)
+        """Read and convert the rows, dedupe and split them, then encode each split chunk by chunk straight
+        into its Arrow files under `build`; returns the counts per split.
+
+        Memory holds chunks, never a split: the workers convert raw chunks into conversations (JSON text),
+        which wait in one Arrow file per split under `build`; dedupe compares 16-byte keys and the seeded
+        validation split draws positions; then the workers read their chunk of conversations from that
+        file by index, encode it and hand back Arrow tables the parent appends in chunk order."""
+        job = {
+            "convert": (self.format, self.fields, self.on_error, self.dedupe),
+            "template": self.template,
+            "tokenizer": self.tokenizer,
+            "markers": special_strings(self.tokenizer),
+            "kwargs": self.encode_kwargs,
+        }
+        with Workers(self.num_proc, **job) as workers:
+            converted, skipped, keys = {}, {}, {}
+            for split, sources in self.sources.items():
+                if sources:
+                    converted[split] = build / f".converted-{split}.arrow"
+                    skipped[split], keys[split] = Counter(), bytearray()
+                    results = workers.convert(self._raw_chunks(split, sources))
+                    write_converted(converted[split], self._collect(results, skipped[split], keys[split]))
+            plan: dict[str, tuple[Path, Any]] = {}
+            duplicates = dict.fromkeys(converted, 0)
+            for split, path in converted.items():
+                n = len(read_converted(path))
+                rows = first_occurrences(bytes(keys.pop(split))) if self.dedupe else np.arange(n)
+                duplicates[split] = n - len(rows)
+                plan[split] = (path, rows)
+            if "val" not in plan and self.val_fraction > 0:
+                path, rows = plan["train"]
+                train, val = split_indices(len(rows), self.val_fraction, self.seed)
+                plan["train"], plan["val"] = (path, rows[train]), (path, rows[val])
+                skipped["val"], duplicates["val"] = Counter(), 0
+            counts = {}
+            for split, (path, rows) in plan.items():
+                statuses, with_markers = Counter(), [0]
+                step = pipeline.CHUNK
+                tasks = ((str(path), rows[i : i + step]) for i in range(0, len(rows), step))
+                results = workers.encode(tasks)
+                pack_length = self.encode_kwargs["max_length"] if self.packing else None
+                packed_rows = cache.write_split(
+                    build / split, self._tables(results, statuses, with_markers), pack_length
                 )
-                convs, bad = convert_rows(rows, self.format, self.fields, self.on_error)
-                del rows
-                conversations[split] += convs
-                skipped[split].update(bad)
-        duplicates = dict.fromkeys(conversations, 0)
-        if self.dedupe:
-            for split in conversations:
-                conversations[split], duplicates[split] = dedupe(conversations[split])
-        if "val" not in conversations and self.val_fraction > 0:
-            train, val = split_off(conversations["train"], self.val_fraction, self.seed)
-            conversations["train"], conversations["val"] = train, val
-            skipped["val"], duplicates["val"] = Counter(), 0
-        counts = {}
-        markers = special_strings(self.tokenizer)
-        for split in list(conversations):
-            with_markers = rows_with_markers(conversations[split], markers)
-            statuses: Counter = Counter()
-            pack_length = self.encode_kwargs["max_length"] if self.packing else None
-            packed_rows = cache.write_split(
-                build / split, self._chunks(conversations[split], statuses), pack_length
-            )
-            del conversations[split]  # on disk now; frees the memory before the next split
-            counts[split] = split_counts(statuses, skipped[split], duplicates[split])
-            counts[split]["chat_markers"] = with_markers
-            if packed_rows is not None:
-                counts[split]["packed_rows"] = packed_rows
+                counts[split] = split_counts(statuses, skipped[split], duplicates[split])
+                counts[split]["chat_markers"] = with_markers[0]
+                if packed_rows is not None:
+                    counts[split]["packed_rows"] = packed_rows
+        for path in converted.values():
+            path.unlink()
         return counts
 
-    def _chunks(self, conversations: list[Conversation], statuses: Counter) -> Iterator[tuple[Any, Any]]:
-        """Arrow tables of the split's kept examples, chunk by chunk; every status is counted into
-        `statuses` as the chunks pass."""
-        for counted, examples, rows in encoded_chunks(
-            conversations, self.template, self.tokenizer, num_proc=self.num_proc, **self.encode_kwargs
-        ):
+    def _raw_chunks(self, split: str, sources: list) -> Iterator[Any]:
+        for k, src in enumerate(sources):
+            yield from raw_chunks(src, f"data.{split}_path", split, pipeline.CHUNK, self.seed + k)
+
+    @staticmethod
+    def _collect(results: Iterable[tuple], skipped: Counter, keys: bytearray) -> Iterator[list[str]]:
+        """The converted chunks' JSON texts, as they come; skips and dedupe keys are gathered on the way."""
+        for bad, texts, digests in results:
+            skipped.update(bad)
+            keys += digests
+            yield texts
+
+    @staticmethod
+    def _tables(results: Iterable[tuple], statuses: Counter, with_markers: list[int]) -> Iterator[tuple]:
+        """The encoded chunks' Arrow tables, as they come; statuses and marker rows are counted on the way."""
+        for counted, examples, rows, markers in results:
             statuses.update(counted)
+            with_markers[0] += markers
             yield examples, rows
 
     def _cache_entry(self) -> Path | None:
         if not self.cache_dir:
             return None
+        digests = Path(self.cache_dir) / ".digests"  # file digests by stat stamp (cache.file_digest)
         seeded = self.val_fraction > 0 or any(s.weight % 1 for srcs in self.sources.values() for s in srcs)
         parts = {
             "sources": {
-                split: [source_fingerprint(s, f"data.{split}_path") for s in srcs]
+                split: [source_fingerprint(s, f"data.{split}_path", digests) for s in srcs]
                 for split, srcs in self.sources.items()
             },
             "settings": {

@@ -7,24 +7,29 @@ Nothing is dropped silently: per split the counts report rows read, kept, trunca
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data import cache
 from sftlab.data.formats import BadRow, Conversation, to_messages
 from sftlab.data.packing import pack
-from sftlab.data.sources import Row
+from sftlab.data.sources import RawChunk, Row, parse_chunk
 from sftlab.data.tokenize import Encoded, Template, encode_conversations
 from sftlab.errors import DataError
 
@@ -105,7 +110,8 @@ def rows_with_markers(conversations: Sequence[Conversation], markers: Sequence[s
     def text(conv: Conversation) -> str:
         return conv if isinstance(conv, str) else "\n".join(str(m.get("content") or "") for m in conv)
 
-    return sum(any(m in text(c) for m in markers) for c in conversations)
+    texts = (text(c) for c in conversations)
+    return sum(any(m in t for m in markers) for t in texts)
 
 
 def split_counts(statuses: Counter, skipped: Counter, duplicates: int) -> dict[str, Any]:
@@ -145,28 +151,76 @@ def encode_split(
     return SplitData(examples, [c for _, c in kept], counts)
 
 
-CHUNK = (
-    1000  # conversations per tokenizer call / worker task: big enough to batch, small enough to bound memory
-)
-_job: dict[str, Any] = {}  # what forked workers encode with (inherited, not pickled per task)
+CHUNK = 1000  # rows per worker task / tokenizer call: big enough to batch, small enough to bound memory
+_job: dict[str, Any] = {}  # what forked workers convert and encode with (inherited, not pickled per task)
+_opened: dict[str, Any] = {}  # in a worker: the memory-mapped converted files it has opened, by path
+
+
+def convert_chunk(
+    chunk: RawChunk, fmt: str | None, fields: Mapping[str, str], on_error: str, keys: bool
+) -> tuple[Counter, list[str], bytes]:
+    """Raw rows -> (skipped counts, each conversation as JSON text, and with `keys` the 16-byte dedupe key
+    of each: a hash of the conversation with sorted keys, what `dedupe` compares)."""
+    conversations, skipped = convert_rows(parse_chunk(chunk), fmt, fields, on_error)
+    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    digests = b"".join(_dedupe_key(c) for c in conversations) if keys else b""
+    return skipped, texts, digests
+
+
+def _dedupe_key(conversation: Conversation) -> bytes:
+    text = json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def first_occurrences(digests: bytes) -> np.ndarray:
+    """Indices of the first row with each 16-byte key, in order: `dedupe` over keys (16 bytes a row)."""
+    keys = np.frombuffer(digests, dtype=[("a", "<u8"), ("b", "<u8")])
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_off` over positions 0..n-1: (train, val) positions, each ascending."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, math.floor(fraction * n)) if n else 0
+    val = np.zeros(n, dtype=bool)
+    val[order[:n_val]] = True
+    positions = np.arange(n)
+    return positions[~val], positions[val]
 
 
 def encode_chunk(
-    chunk: Sequence[Conversation],
+    texts: Sequence[str],
     template: Template,
     tokenizer: PreTrainedTokenizerBase,
+    markers: Sequence[str] = (),
     **encode_kwargs: Any,
-) -> tuple[Counter, Any, Any]:
-    """One chunk of a split: (every example's status counted, the kept examples and their conversations as
-    Arrow tables). Arrow, not Python lists, so a worker hands the parent a few buffers to write as they
-    are, rather than millions of ints to unpickle and convert."""
+) -> tuple[Counter, Any, Any, int]:
+    """Conversations (JSON text) -> (every example's status counted, the kept examples and their
+    conversations as Arrow tables, the conversations holding a special-token string). Arrow, not Python
+    lists, so a worker hands the parent a few buffers to write as they are, rather than millions of ints
+    to unpickle and convert."""
+    chunk = [json.loads(t) for t in texts]
     encoded = encode_conversations(chunk, template, tokenizer, **encode_kwargs)
-    kept = [(e, c) for e, c in zip(encoded, chunk, strict=True) if not e.dropped]
-    return Counter(e.status for e in encoded), *cache.arrow_tables(kept)
+    kept = [k for k, e in enumerate(encoded) if not e.dropped]
+    tables = cache.arrow_tables([encoded[k] for k in kept], [texts[k] for k in kept])
+    return Counter(e.status for e in encoded), *tables, rows_with_markers(chunk, markers)
 
 
-def _encode_job(chunk: list[Conversation]) -> tuple[Counter, Any, Any]:
-    return encode_chunk(chunk, _job["template"], _job["tokenizer"], **_job["kwargs"])
+def _convert_job(chunk: RawChunk) -> tuple[Counter, list[str], bytes]:
+    return convert_chunk(chunk, *_job["convert"])
+
+
+def _encode_job(task: tuple[str | None, Any]) -> tuple[Counter, Any, Any, int]:
+    """A chunk of JSON texts, or (converted file, row indices) to read them from (opened memory-mapped
+    once per worker)."""
+    path, rows = task
+    if path is not None:
+        if path not in _opened:
+            _opened[path] = read_converted(Path(path))
+        rows = _opened[path].take(rows).to_pylist()
+    return encode_chunk(rows, _job["template"], _job["tokenizer"], _job["markers"], **_job["kwargs"])
 
 
 def default_num_proc() -> int:
@@ -174,6 +228,73 @@ def default_num_proc() -> int:
     which writes the Arrow file, is the bottleneck)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cpus))
+
+
+class Workers:
+    """Forked worker processes that run the pipeline's jobs over a stream of tasks, results in task order
+    (so what is written, counted or raised does not depend on the number of workers, as with
+    `datasets.map(num_proc=)`). At most two tasks per worker are in flight, so a stream of a million rows
+    is never queued whole (`Pool.imap` would read its whole input ahead). The pool is forked at the first
+    stream of more than one task; until then, and with `num_proc=1`, jobs run in this process."""
+
+    def __init__(self, num_proc: int, **job: Any) -> None:
+        self.num_proc, self.job, self.pool = num_proc, job, None
+
+    def __enter__(self) -> Workers:
+        _job.update(self.job)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        _job.clear()
+        _opened.clear()
+
+    def _fork(self) -> Any:
+        if "template" in self.job:
+            self.job["template"].bind(self.job["tokenizer"])
+        # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns
+        # it off by itself. Restored once the workers exist, for the parent's own calls.
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            return multiprocessing.get_context("fork").Pool(self.num_proc)
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        tasks = iter(tasks)
+        first = next(tasks, _END)
+        second = next(tasks, _END) if first is not _END else _END
+        if self.num_proc <= 1 or second is _END:
+            for task in itertools.chain([first, second], tasks):
+                if task is not _END:
+                    yield fn(task)
+            return
+        if self.pool is None:
+            self.pool = self._fork()
+        pending: collections.deque = collections.deque()
+        for task in itertools.chain([first, second], tasks):
+            pending.append(self.pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * self.num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def convert(self, chunks: Iterable[RawChunk]) -> Iterator[tuple[Counter, list[str], bytes]]:
+        """`convert_chunk` of each raw chunk, with the job's (format, fields, on_error, dedupe keys)."""
+        return self.map(_convert_job, chunks)
+
+    def encode(self, tasks: Iterable[tuple[str | None, Any]]) -> Iterator[tuple[Counter, Any, Any, int]]:
+        """`encode_chunk` of each (converted file, row indices) or (None, JSON texts) task."""
+        return self.map(_encode_job, tasks)
+
+
+_END = object()
 
 
 def encoded_chunks(
@@ -184,32 +305,36 @@ def encoded_chunks(
     num_proc: int = 1,
     chunk_size: int | None = None,
     **encode_kwargs: Any,
-) -> Iterator[tuple[Counter, Any, Any]]:
-    """`encode_chunk` of every chunk of the conversations, in order. With `num_proc` > 1 (and more than one
-    chunk) forked workers encode the chunks (as `datasets.map(num_proc=)` does); the parent keeps their
-    order, so what is written, counted or raised does not depend on the number of workers."""
+) -> Iterator[tuple[Counter, Any, Any, int]]:
+    """`encode_chunk` of every chunk of a list of conversations, in order, by `num_proc` workers."""
     chunk_size = chunk_size or CHUNK
-    chunks = (list(conversations[i : i + chunk_size]) for i in range(0, len(conversations), chunk_size))
-    if num_proc <= 1 or len(conversations) <= chunk_size:
-        for chunk in chunks:
-            yield encode_chunk(chunk, template, tokenizer, **encode_kwargs)
-        return
-    template.bind(tokenizer)
-    _job.update(template=template, tokenizer=tokenizer, kwargs=encode_kwargs)
-    # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns it
-    # off by itself. Restored once the workers exist, for the parent's own calls.
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        pool = multiprocessing.get_context("fork").Pool(num_proc)
-    finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM")
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-    with pool:
-        yield from pool.imap(_encode_job, chunks)
-    _job.clear()
+    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    tasks = ((None, texts[i : i + chunk_size]) for i in range(0, len(texts), chunk_size))
+    job = {"template": template, "tokenizer": tokenizer, "markers": (), "kwargs": encode_kwargs}
+    with Workers(num_proc, **job) as workers:
+        yield from workers.encode(tasks)
+
+
+def write_converted(path: Path, chunks: Iterable[list[str]]) -> int:
+    """Conversations (JSON text) appended to one Arrow stream file, a chunk at a time; returns the count.
+    Where a split's converted rows wait for dedupe and the split, on disk rather than in memory."""
+    import pyarrow as pa
+
+    schema = pa.schema([("json", pa.string())])
+    n = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for texts in chunks:
+            if texts:
+                writer.write_batch(pa.record_batch([pa.array(texts, pa.string())], schema=schema))
+                n += len(texts)
+    return n
+
+
+def read_converted(path: Path) -> Any:
+    """The `json` column of a `write_converted` file, memory-mapped."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().column("json")
 
 
 @contextlib.contextmanager

@@ -114,31 +114,83 @@ def jsonl_rows(file: Path) -> list[Row]:
 
 
 def iter_rows(source: Source, key: str, split: str) -> Iterator[Row]:
-    """`read_source`'s rows one at a time where the reader allows it (JSONL), so a large file's raw rows
-    are never all in memory; other sources are read whole."""
+    """`read_source`'s rows one at a time where the reader allows it (JSONL, Parquet, hub datasets), so a
+    large source's raw rows are never all in memory; JSON and CSV files are read whole."""
     file = _local_file(source.path, key)
     if file is not None and file.suffix == ".jsonl":
         return iter_jsonl_rows(file)
+    if file is None or file.suffix == ".parquet":
+        return iter_with_datasets(source, file, HUB_SPLITS[split], key)
     return iter(read_source(source, key, split))
+
+
+# A chunk of raw rows as the pipeline's workers take it: a JSONL file and its (line number, bytes) lines,
+# parsed by the worker (`parse_chunk`), or (None, rows already parsed by the reader).
+RawChunk = tuple[Path | None, list]
+
+
+def raw_chunks(source: Source, key: str, split: str, size: int, seed: int) -> Iterator[RawChunk]:
+    """The source's rows, weighed (see `weigh`), `size` at a time. A JSONL file of weight 1 is handed on as
+    undecoded lines, so decoding and parsing happen where the chunk is converted; a weighed source is read
+    whole first (its sample needs every row)."""
+    if source.weight != 1:
+        rows = weigh(read_source(source, key, split), source.weight, seed)
+        for start in range(0, len(rows), size):
+            yield None, rows[start : start + size]
+        return
+    file = _local_file(source.path, key)
+    if file is not None and file.suffix == ".jsonl":
+        lines: list[tuple[int, bytes]] = []
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                lines.append((lineno, raw))
+                if len(lines) == size:
+                    yield file, lines
+                    lines = []
+        if lines:
+            yield file, lines
+        return
+    rows = []
+    for row in iter_rows(source, key, split):
+        rows.append(row)
+        if len(rows) == size:
+            yield None, rows
+            rows = []
+    if rows:
+        yield None, rows
+
+
+def parse_chunk(chunk: RawChunk) -> list[Row]:
+    file, items = chunk
+    if file is None:
+        return items
+    rows = (parse_jsonl_line(file, lineno, raw) for lineno, raw in items)
+    return [row for row in rows if row is not None]
 
 
 def iter_jsonl_rows(file: Path) -> Iterator[Row]:
     """`jsonl_rows`, one row at a time."""
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            where = f"{file}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                yield where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                reason = f"invalid JSON ({err.msg} at column {err.colno}). Fix or remove the line."
-                yield where, BadRow(where, "bad_json", reason)
+            row = parse_jsonl_line(file, lineno, raw)
+            if row is not None:
+                yield row
+
+
+def parse_jsonl_line(file: Path, lineno: int, raw: bytes) -> Row | None:
+    """One JSONL line: (file:line, the parsed value or a BadRow); None for a blank line."""
+    where = f"{file}:{lineno}"
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError:
+        return where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")
+    if not line.strip():
+        return None
+    try:
+        return where, json.loads(line)
+    except json.JSONDecodeError as err:
+        reason = f"invalid JSON ({err.msg} at column {err.colno}). Fix or remove the line."
+        return where, BadRow(where, "bad_json", reason)
 
 
 def read_json(file: Path) -> list[Row]:
@@ -170,6 +222,14 @@ def read_csv(file: Path) -> list[Row]:
 
 def read_with_datasets(source: Source, file: Path | None, split: str, key: str) -> list[Row]:
     """Parquet files and hub datasets, through `datasets` (imported only here: it is slow to import)."""
+    return list(iter_with_datasets(source, file, split, key))
+
+
+def iter_with_datasets(
+    source: Source, file: Path | None, split: str, key: str, batch_size: int = 1000
+) -> Iterator[Row]:
+    """`read_with_datasets` a batch of rows at a time: the dataset stays memory-mapped Arrow, and only
+    `batch_size` of its rows are Python objects at once."""
     import datasets
 
     try:
@@ -193,7 +253,12 @@ def read_with_datasets(source: Source, file: Path | None, split: str, key: str) 
             "that the hub is reachable (or cached); otherwise point the key at a local file."
         ) from None
     name = str(file) if file is not None else f"{source.path}[{source.split or split}]"
-    return [(f"{name} row {i}", row) for i, row in enumerate(ds.to_list())]
+    i = 0
+    for batch in ds.iter(batch_size=batch_size):
+        names = list(batch)
+        for values in zip(*(batch[n] for n in names), strict=True):
+            yield f"{name} row {i}", dict(zip(names, values, strict=True))
+            i += 1
 
 
 def read_source(source: Source, key: str, split: str) -> list[Row]:
@@ -213,11 +278,12 @@ def weigh(rows: list[Row], weight: float, seed: int) -> list[Row]:
     return rows * whole + extra
 
 
-def source_fingerprint(source: Source, key: str) -> dict:
+def source_fingerprint(source: Source, key: str, memo: Path | None = None) -> dict:
     """What the source's rows depend on: a local file's bytes; a hub id, its revision and load arguments,
-    plus the bytes of every local file its `data_files` name (a builder such as `json` reading shards)."""
+    plus the bytes of every local file its `data_files` name (a builder such as `json` reading shards).
+    `memo`: where file digests are remembered by stat stamp (cache.file_digest)."""
     file = _local_file(source.path, key)
-    ident = cache.file_digest(file) if file is not None else f"hub:{source.path}@{source.revision}"
+    ident = cache.file_digest(file, memo) if file is not None else f"hub:{source.path}@{source.revision}"
     out = {"data": ident, "weight": source.weight, "split": source.split}
     if source.load:
         out["load"] = source.load
@@ -226,5 +292,5 @@ def source_fingerprint(source: Source, key: str) -> dict:
         if isinstance(files, dict):
             patterns = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
         matched = sorted({m for pat in patterns for m in glob.glob(pat, recursive=True) if Path(m).is_file()})
-        out["data_files"] = {m: cache.file_digest(m) for m in matched}
+        out["data_files"] = {m: cache.file_digest(m, memo) for m in matched}
     return out
