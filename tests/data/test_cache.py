@@ -5,6 +5,8 @@ tokenizing in worker processes changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import Counter
 
 import datasets
@@ -58,8 +60,9 @@ def arrow(path, tokenizer, template, cache_dir, **kwargs) -> SFTDataModule:
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_arrow_splits_equal_the_in_memory_pipeline_field_by_field(
-    tokenizer, chatml, data_file, tmp_path, packing
+    tokenizer, chatml, data_file, tmp_path, packing, monkeypatch
 ):
+    monkeypatch.setattr(pipeline, "CHUNK", 8)  # workers convert and encode, duplicates in other chunks
     dm = arrow(data_file, tokenizer, chatml, tmp_path / "cache", packing=packing, max_drop_ratio=0.5)
     expected = in_memory(data_file, tokenizer, chatml, packing)
     for split, ref in expected.items():
@@ -167,3 +170,27 @@ def test_training_on_arrow_gives_the_in_memory_sample_ids_losses_and_adapter(
     assert a.losses == b.losses
     assert adapter_a.keys() == adapter_b.keys()
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+
+
+def test_a_remembered_file_digest_is_reused_until_the_file_changes_even_with_size_and_mtime_kept(
+    tmp_path, monkeypatch
+):
+    path, memo = tmp_path / "train.jsonl", tmp_path / "cache" / ".digests"
+    path.write_text('{"a": 1}\n')
+    fresh = cache.file_digest(path, memo)
+    assert fresh == cache.file_digest(path) and not memo.exists()  # changed just now: not remembered
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    assert cache.file_digest(path, memo) == fresh and len(list(memo.iterdir())) == 1
+    hash_file = cache._hash_file
+
+    def forbidden(p):
+        raise AssertionError("a remembered digest must not read the file again")
+
+    monkeypatch.setattr(cache, "_hash_file", forbidden)
+    assert cache.file_digest(path, memo) == fresh
+    stat = path.stat()
+    time.sleep(0.05)  # past a coarse timestamp tick
+    path.write_text('{"a": 2}\n')  # same size; the mtime is set back: only the ctime tells
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    monkeypatch.setattr(cache, "_hash_file", hash_file)
+    assert cache.file_digest(path, memo) == cache.file_digest(path) != fresh

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from sftlab.data import cache
-from sftlab.data.sources import Source, parse_sources, read_source, source_fingerprint
+from sftlab.data.sources import (
+    Source,
+    iter_with_datasets,
+    jsonl_rows,
+    parse_chunk,
+    parse_sources,
+    raw_chunks,
+    read_source,
+    source_fingerprint,
+)
 from sftlab.errors import ConfigError
 
 
@@ -68,3 +77,25 @@ def test_code_fingerprint_covers_every_module_of_the_data_package(tmp_path):
         module.write_bytes(original + b"\n# an edit\n")
         assert cache.code_fingerprint(copy) != base, module.name
         module.write_bytes(original)
+
+
+def test_jsonl_chunks_and_hub_style_batches_give_the_rows_read_whole(tmp_path):
+    lines = ['{"a": 1}', "", "{bad", '{"a": 2}', '{"a": 3}', '{"a": 4}', "  ", '{"a": 5}']
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    whole = jsonl_rows(jsonl)
+    chunks = list(raw_chunks(Source(str(jsonl)), "data.train_path", "train", 3, seed=0))
+    assert [len(items) for _, items in chunks] == [3, 3, 2]  # lines, blank ones included, parsed later
+    parsed = [row for chunk in chunks for row in parse_chunk(chunk)]
+    assert [w for w, _ in parsed] == [w for w, _ in whole] == [f"{jsonl}:{n}" for n in (1, 3, 4, 5, 6, 8)]
+    assert [r if isinstance(r, dict) else r.reason for _, r in parsed] == [
+        {"a": 1}, "bad_json", {"a": 2}, {"a": 3}, {"a": 4}, {"a": 5},
+    ]  # fmt: skip
+
+    import datasets
+
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"prompt": f"q{i}", "n": i} for i in range(5)]).to_parquet(str(parquet))
+    batched = list(iter_with_datasets(Source(str(parquet)), parquet, "train", "k", batch_size=2))
+    assert batched == [(f"{parquet} row {i}", {"prompt": f"q{i}", "n": i}) for i in range(5)]
+    assert read_source(Source(str(parquet)), "data.train_path", "train") == batched
