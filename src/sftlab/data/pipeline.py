@@ -254,6 +254,9 @@ class Workers:
     def _fork(self) -> Any:
         if "template" in self.job:
             self.job["template"].bind(self.job["tokenizer"])
+        # Import what every worker needs (datasets, for the cache's schema: ~2 s of CPU) once, here, rather
+        # than once per worker; the parent needs it anyway to write the entry.
+        cache.arrow_tables([], [])
         # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns
         # it off by itself. Restored once the workers exist, for the parent's own calls.
         before = os.environ.get("TOKENIZERS_PARALLELISM")
