@@ -35,7 +35,7 @@ from sftlab.data.pipeline import (
     default_num_proc,
     first_occurrences,
     gc_paused,
-    read_converted,
+    remove_converted,
     split_counts,
     split_indices,
     write_converted,
@@ -176,17 +176,18 @@ class SFTDataModule(pl.LightningDataModule):
             "kwargs": self.encode_kwargs,
         }
         with Workers(self.num_proc, **job) as workers:
-            converted, skipped, keys = {}, {}, {}
+            converted, skipped, keys, sizes = {}, {}, {}, {}
             for split, sources in self.sources.items():
                 if sources:
                     converted[split] = build / f".converted-{split}.arrow"
                     skipped[split], keys[split] = Counter(), bytearray()
                     results = workers.convert(self._raw_chunks(split, sources))
-                    write_converted(converted[split], self._collect(results, skipped[split], keys[split]))
+                    collected = self._collect(results, skipped[split], keys[split])
+                    sizes[split] = write_converted(converted[split], collected)
             plan: dict[str, tuple[Path, Any]] = {}
             duplicates = dict.fromkeys(converted, 0)
             for split, path in converted.items():
-                n = len(read_converted(path))
+                n = sizes[split]
                 rows = first_occurrences(bytes(keys.pop(split))) if self.dedupe else np.arange(n)
                 duplicates[split] = n - len(rows)
                 plan[split] = (path, rows)
@@ -210,7 +211,7 @@ class SFTDataModule(pl.LightningDataModule):
                 if packed_rows is not None:
                     counts[split]["packed_rows"] = packed_rows
         for path in converted.values():
-            path.unlink()
+            remove_converted(path)
         return counts
 
     def _raw_chunks(self, split: str, sources: list) -> Iterator[Any]:

@@ -79,7 +79,8 @@ def check_text(value: object, what: str, where: str, *, allow_empty: bool = Fals
     if not allow_empty and not value.strip():
         raise BadRow(where, "empty_content", f"{what} is empty. Fill it in or remove the row.")
     try:
-        value.encode("utf-8")
+        if not value.isascii():  # ASCII (checked in O(1)) holds no surrogate
+            value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRow(
             where,
@@ -250,6 +251,8 @@ class _Row:
         value = self.get(key)
         if optional and value is None:
             return ""
+        if type(value) is str and value.isascii() and (optional or value.strip()):
+            return value  # what check_text accepts, without building its message (most fields of most rows)
         return check_text(value, f"field {self.name(key)!r}", self.where, allow_empty=optional)
 
     def with_system(self, messages: list[dict]) -> list[dict]:

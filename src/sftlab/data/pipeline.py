@@ -153,7 +153,7 @@ def encode_split(
 
 CHUNK = 1000  # rows per worker task / tokenizer call: big enough to batch, small enough to bound memory
 _job: dict[str, Any] = {}  # what forked workers convert and encode with (inherited, not pickled per task)
-_opened: dict[str, Any] = {}  # in a worker: the memory-mapped converted files it has opened, by path
+_opened: dict[tuple, Any] = {}  # converted files opened (reader, batch starts), by (process, path)
 
 
 def convert_chunk(
@@ -213,13 +213,10 @@ def _convert_job(chunk: RawChunk) -> tuple[Counter, list[str], bytes]:
 
 
 def _encode_job(task: tuple[str | None, Any]) -> tuple[Counter, Any, Any, int]:
-    """A chunk of JSON texts, or (converted file, row indices) to read them from (opened memory-mapped
-    once per worker)."""
+    """A chunk of JSON texts, or (converted file, ascending row indices) to read them from."""
     path, rows = task
     if path is not None:
-        if path not in _opened:
-            _opened[path] = read_converted(Path(path))
-        rows = _opened[path].take(rows).to_pylist()
+        rows = read_converted(Path(path), rows)
     return encode_chunk(rows, _job["template"], _job["tokenizer"], _job["markers"], **_job["kwargs"])
 
 
@@ -319,25 +316,47 @@ def encoded_chunks(
 
 
 def write_converted(path: Path, chunks: Iterable[list[str]]) -> int:
-    """Conversations (JSON text) appended to one Arrow stream file, a chunk at a time; returns the count.
-    Where a split's converted rows wait for dedupe and the split, on disk rather than in memory."""
+    """Conversations (JSON text) appended to one Arrow IPC file, a record batch per chunk, with the first
+    row of each batch in `<path>.starts.npy`; returns the count. Where a split's converted rows wait for
+    dedupe and the split, on disk rather than in memory."""
     import pyarrow as pa
 
     schema = pa.schema([("json", pa.string())])
-    n = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    starts = [0]
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for texts in chunks:
             if texts:
                 writer.write_batch(pa.record_batch([pa.array(texts, pa.string())], schema=schema))
-                n += len(texts)
-    return n
+                starts.append(starts[-1] + len(texts))
+    np.save(_starts_file(path), np.array(starts, dtype=np.int64))
+    return starts[-1]
 
 
-def read_converted(path: Path) -> Any:
-    """The `json` column of a `write_converted` file, memory-mapped."""
+def _starts_file(path: Path) -> Path:
+    return path.with_name(path.name + ".starts.npy")
+
+
+def read_converted(path: Path, rows: np.ndarray) -> list[str]:
+    """The JSON texts of `rows` (ascending) of a `write_converted` file. Only the record batches that hold
+    them are read, with plain reads: a worker's memory holds one batch at a time, where a memory map of
+    the whole file would leave every page it touched resident in the worker."""
     import pyarrow as pa
 
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().column("json")
+    key = (os.getpid(), str(path))  # a forked worker opens its own, never shares the parent's descriptor
+    if key not in _opened:
+        _opened[key] = (pa.ipc.open_file(pa.OSFile(str(path))), np.load(_starts_file(path)))
+    reader, starts = _opened[key]
+    batch_of = np.searchsorted(starts, rows, side="right") - 1
+    texts: list[str] = []
+    for b in np.unique(batch_of):
+        column = reader.get_batch(int(b)).column(0)
+        texts += column.take(pa.array(rows[batch_of == b] - starts[b])).to_pylist()
+    return texts
+
+
+def remove_converted(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _starts_file(path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
