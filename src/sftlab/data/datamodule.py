@@ -60,8 +60,8 @@ class SFTDataModule(pl.LightningDataModule):
     `reasoning`: keep_last | keep_all | drop, which assistant turns keep their reasoning (data/reasoning.py).
     `packing`: several examples per row of `max_length` tokens (see packing.py). `cache_dir`: processed
     splits are cached there as memory-mapped Arrow datasets (null: they are written to a temporary directory
-    removed at exit). `num_proc`: worker processes that tokenize (null: the CPU count, at most 8; 1: in this
-    process). `audit`: read by sftlab-train, which audits the data
+    removed at exit). `num_proc`: worker processes that convert and tokenize (null: the CPU count, at most 8;
+    1: in this process). `audit`: read by sftlab-train, which audits the data
     first (`sftlab-data audit`) and refuses to train when a check holds (true: contamination>0; or a list).
     """
 
