@@ -126,19 +126,25 @@ def iter_jsonl_rows(file: Path) -> Iterator[Row]:
     """`jsonl_rows`, one row at a time."""
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            where = f"{file}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                yield where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                reason = f"invalid JSON ({err.msg} at column {err.colno}). Fix or remove the line."
-                yield where, BadRow(where, "bad_json", reason)
+            row = jsonl_row(raw, f"{file}:{lineno}", first=lineno == 1)
+            if row is not None:
+                yield row
+
+
+def jsonl_row(raw: bytes, where: str, *, first: bool = False) -> Row | None:
+    """One JSONL line as a Row (a BadRow in place of an unparsable one), None for a blank line. `first`:
+    the file's first line, which may start with a BOM."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError:
+        return where, BadRow(where, "invalid_unicode", "the line is not UTF-8. Re-encode it.")
+    if not line.strip():
+        return None
+    try:
+        return where, json.loads(line)
+    except json.JSONDecodeError as err:
+        reason = f"invalid JSON ({err.msg} at column {err.colno}). Fix or remove the line."
+        return where, BadRow(where, "bad_json", reason)
 
 
 def read_json(file: Path) -> list[Row]:
@@ -157,15 +163,18 @@ def read_json(file: Path) -> list[Row]:
 
 def read_csv(file: Path) -> list[Row]:
     """CSV with a header row; every cell stays a string (no type guessing); `file:line` of each record."""
-    rows: list[Row] = []
+    return list(iter_csv_rows(file))
+
+
+def iter_csv_rows(file: Path) -> Iterator[Row]:
+    """`read_csv`, one record at a time."""
     with open(file, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         start = 2
         for row in reader:
             if any(v for v in row.values() if isinstance(v, str) and v.strip()):
-                rows.append((f"{file}:{start}", row))
+                yield f"{file}:{start}", row
             start = reader.line_num + 1
-    return rows
 
 
 def read_with_datasets(source: Source, file: Path | None, split: str, key: str) -> list[Row]:
