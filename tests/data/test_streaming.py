@@ -8,19 +8,24 @@ import itertools
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sftlab import build
 from sftlab.config import validate
 from sftlab.data.sampler import StepPlanSampler
 from sftlab.errors import ConfigError, DataError
-from tests.conftest import ISO_DATA, ROOT
+from sftlab.model.adapters import LoRA
+from sftlab.model.load import load_model
+from sftlab.training.module import SFTModule
+from tests.conftest import ISO_DATA, ROOT, quiet_trainer
 
 
 @pytest.fixture(scope="module")
-def data_cfg():
-    return build.compose(["model=tiny_random"], output_dir="/tmp/unused").data
+def data_cfg(tiny_cfg):
+    return tiny_cfg.data
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +214,65 @@ def test_streaming_refuses_what_a_stream_cannot_honour():
 def test_the_datamodule_refuses_them_too(data_cfg, tokenizer, chatml, train_file):
     with pytest.raises(ConfigError, match=r"data.dedupe: not with data.streaming=true"):
         _dm(data_cfg, tokenizer, chatml, train_file, dedupe=True)
+
+
+class _Record(pl.Callback):
+    """(optimizer steps done, sample ids, loss) of every trained micro-batch; raises after `stop_after` of
+    them."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.batches, self.stop_after = [], stop_after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append((trainer.global_step, batch["index"].tolist(), float(outputs["loss"])))
+        if len(self.batches) == self.stop_after:
+            raise _Killed
+
+
+class _Killed(Exception):
+    pass
+
+
+def _fit(tiny_cfg, tiny_model_dir, dm, record, ckpt_dir, ckpt_path=None):
+    torch.manual_seed(0)  # LoRA A is initialised from the global RNG: the same start in every run
+    model = LoRA(r=4, lora_alpha=8, lora_dropout=0.0).apply(load_model(tiny_cfg.model, tiny_model_dir))
+    module = SFTModule(model, optimizer=instantiate(tiny_cfg.optimizer))
+    save = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = quiet_trainer(
+        [record, save], max_steps=4, accumulate_grad_batches=2, limit_val_batches=0, precision="32-true"
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+
+
+def test_lightning_resume_mid_run_trains_the_same_micro_batches(
+    data_cfg, tokenizer, chatml, train_file, tiny_cfg, tiny_model_dir, tmp_path
+):
+    """In process, through Lightning's checkpoint: stopped after step 3, resumed from the save after step 2
+    (the stream had run a micro-batch ahead), the run trains the uninterrupted run's micro-batches and
+    losses, across the end of the first pass (12 rows: 6 micro-batches of 2)."""
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join((ISO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
+    settings = {"batch_size": 2, "shuffle_buffer": 4}
+    reference = _Record()
+    _fit(
+        tiny_cfg,
+        tiny_model_dir,
+        _dm(data_cfg, tokenizer, chatml, train_file, **settings),
+        reference,
+        tmp_path / "a",
+    )
+    stopped = _Record(stop_after=6)  # 3 steps
+    with pytest.raises(_Killed):
+        _fit(
+            tiny_cfg,
+            tiny_model_dir,
+            _dm(data_cfg, tokenizer, chatml, train_file, **settings),
+            stopped,
+            tmp_path / "b",
+        )
+    resumed = _Record()
+    dm = _dm(data_cfg, tokenizer, chatml, train_file, **settings)
+    _fit(tiny_cfg, tiny_model_dir, dm, resumed, tmp_path / "c", ckpt_path=tmp_path / "b" / "step=2.ckpt")
+    assert len(reference.batches) == 8 and stopped.batches == reference.batches[:6]
+    assert sorted(i for _, ids, _ in reference.batches[:6] for i in ids) == list(range(12))
+    assert resumed.batches == reference.batches[4:]
