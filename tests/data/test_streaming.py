@@ -134,6 +134,21 @@ def test_a_saved_state_continues_the_stream_exactly(data_cfg, tokenizer, chatml,
         assert resumed.counts()["train"]["rows"] == 32
 
 
+def test_a_state_of_another_order_or_kind_is_refused(data_cfg, tokenizer, chatml, train_file):
+    dm = _dm(data_cfg, tokenizer, chatml, train_file, shuffle_buffer=8)
+    dm.stream.configure(accumulate=1, world_size=1, rank=0, epoch_of=lambda: 0)
+    next(iter(dm.stream))
+    state = dm.stream.state_dict(0, 0)
+    other = _dm(data_cfg, tokenizer, chatml, train_file, shuffle_buffer=16)
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer: 8 in the checkpoint, 16 now"):
+        other.load_state_dict({"stream": state})
+    mapped = _dm(data_cfg, tokenizer, chatml, train_file, streaming=False)
+    with pytest.raises(
+        ConfigError, match=r"written with data.streaming=True; a launch with data.streaming=False"
+    ):
+        mapped.load_state_dict({"stream": state})
+
+
 def test_packed_stream_keeps_every_example_once_within_max_length(data_cfg, tokenizer, chatml, train_file):
     unpacked = _micro_batches(_dm(data_cfg, tokenizer, chatml, train_file, shuffle=False))
     packed = _micro_batches(_dm(data_cfg, tokenizer, chatml, train_file, shuffle=False, packing=True))

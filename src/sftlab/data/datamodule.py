@@ -310,7 +310,7 @@ class SFTDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.stream is not None:
-            return stream_loader(self, trainer, getattr(self, "_resume_state", None))
+            return stream_loader(self, trainer)
         self.sampler = StepPlanSampler(
             self.splits["train"].num_targets,
             batch_size=self.batch_size,
@@ -352,7 +352,16 @@ class SFTDataModule(pl.LightningDataModule):
         return {"sampler": {"epoch": epoch, "consumed": consumed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_state = state_dict.get("stream" if self.stream is not None else "sampler")
+        kind, other = ("stream", "sampler") if self.stream is not None else ("sampler", "stream")
+        if other in state_dict and kind not in state_dict:
+            raise ConfigError(
+                f"resume: the checkpoint was written with data.streaming={other == 'stream'}; a launch with "
+                f"data.streaming={self.stream is not None} cannot continue its sample stream. Resume with "
+                "the checkpoint's setting."
+            )
+        self._resume_state = state_dict.get(kind)
+        if self.stream is not None:
+            self.stream.load_state_dict(self._resume_state)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(Examples(self.splits["val"].examples), batch_size=self.eval_batch_size)

@@ -304,10 +304,28 @@ class TrainStream(IterableDataset):
             "statuses": dict(snap["statuses"]),
             "skipped": dict(snap["skipped"]),
             "chat_markers": snap["chat_markers"],
+            "settings": self._order_settings(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """A state saved with another order (shuffle, buffer, seed) would continue a different stream: refused
+        naming each key (the other settings the stream depends on are checked by the resume check)."""
+        if state:
+            saved = state.get("settings", {})
+            diffs = [
+                f"data.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+                for k, v in self._order_settings().items()
+                if saved.get(k) != v
+            ]
+            if diffs:
+                raise ConfigError(
+                    "resume: the checkpoint's stream was read in another order, so this launch cannot "
+                    f"continue it exactly ({'; '.join(diffs)}). Resume with the checkpoint's values."
+                )
         self._resume = state or None
+
+    def _order_settings(self) -> dict[str, Any]:
+        return {"shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed}
 
     # ---- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[dict]]:
@@ -472,7 +490,7 @@ def check_stream_settings(dm: Any) -> None:
         raise ConfigError(f"data.streaming=true ({len(problems)} problem(s)):\n{listing}")
 
 
-def stream_loader(dm: Any, trainer: Any, resume: dict | None) -> DataLoader:
+def stream_loader(dm: Any, trainer: Any) -> DataLoader:
     """The training loader over `dm.stream`: one item per micro-batch (already a batch, so no sampler and no
     batching by the loader), read in this process."""
     stream = dm.stream
@@ -488,8 +506,7 @@ def stream_loader(dm: Any, trainer: Any, resume: dict | None) -> DataLoader:
             rank=trainer.global_rank,
             epoch_of=lambda: trainer.current_epoch,
         )
-    if resume:  # set by load_state_dict when Lightning restores a checkpoint
-        stream.load_state_dict(resume)
+    if stream._resume:  # set by load_state_dict when Lightning restores a checkpoint
         # Lightning warns that it cannot restore an iterable loader mid-epoch; the stream restores itself.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     collate_fn = functools.partial(collate, pad_id=dm.tokenizer.pad_token_id)
