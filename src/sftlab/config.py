@@ -422,7 +422,12 @@ def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> Non
             f"ISO-date sets ({origin.where('data.train_path')}): add data=jsonl (validation held out from "
             "your data, no test set) or set data.val_path / data.test_path to your own files."
         )
-    if origin.config_name == "train" and val is None and not data.get("val_fraction"):
+    if (
+        origin.config_name == "train"
+        and val is None
+        and not data.get("val_fraction")
+        and not data.get("val_size")
+    ):
         problems.append(
             f"data.val_path=null and data.val_fraction={data.get('val_fraction')!r} "
             f"({origin.where('data.val_fraction')}): training needs a validation split (best checkpoint, "
@@ -433,9 +438,17 @@ def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> Non
 def streaming_problems(data: Mapping[str, Any], trainer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """With `data.streaming=true`: (key, problem) for each setting a stream cannot honour (docs/streaming.md).
     `trainer`: None where it is not known (the datamodule built on its own)."""
+    val_size = data.get("val_size", 0)
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+        return [("data.val_size", "must be an integer >= 0 (rows).")]
     if data.get("streaming") is not True:
+        if val_size:
+            why = "holds out the first rows of a stream; without data.streaming=true use data.val_fraction"
+            return [("data.val_size", f"{why}.")]
         return []
     out = []
+    if val_size and data.get("val_path") is not None:
+        out.append(("data.val_size", "gives a validation split and so does data.val_path: keep one of them."))
     buffer = data.get("shuffle_buffer", 1000)
     if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 0:
         out.append(("data.shuffle_buffer", "must be an integer >= 0 (rows; 0 or 1: the source order)."))
@@ -443,8 +456,8 @@ def streaming_problems(data: Mapping[str, Any], trainer: Mapping[str, Any] | Non
         out.append(
             (
                 "data.val_fraction",
-                "a fraction of a stream of unknown length cannot be held out: set data.val_path to a "
-                "separate validation source and data.val_fraction=0.",
+                "a fraction of a stream of unknown length cannot be held out: set data.val_size=<rows> (the "
+                "first rows held out) or data.val_path (a separate source), and data.val_fraction=0.",
             )
         )
     refused = {

@@ -134,6 +134,29 @@ def test_a_saved_state_continues_the_stream_exactly(data_cfg, tokenizer, chatml,
         assert resumed.counts()["train"]["rows"] == 32
 
 
+def test_val_size_holds_out_the_first_rows_and_every_pass_starts_after_them(
+    data_cfg, tokenizer, chatml, train_file
+):
+    """The first 5 rows are the validation split, encoded as the map-style path encodes them; no pass of the
+    stream trains them, and a state saved mid-pass continues after them too."""
+    dm = _dm(data_cfg, tokenizer, chatml, train_file, val_size=5, shuffle_buffer=4)
+    mapped = _dm(data_cfg, tokenizer, chatml, train_file, streaming=False, shuffle=False)
+    val = dm.splits["val"].examples
+    assert [(e.input_ids, e.labels) for e in val] == [
+        (e.input_ids, e.labels) for e in mapped.splits["train"].examples[:5]
+    ]
+    assert dm.counts()["val"]["rows"] == 5
+    for epoch in (0, 1):
+        ids = [i for mb in _ids(_micro_batches(dm, epoch=epoch)) for i in mb]
+        assert sorted(ids) == [i for i in range(5, 32) if i not in (7, 8)], epoch
+    reference = _micro_batches(dm)
+    it = iter(dm.stream)
+    next(it), next(it)
+    resumed = _dm(data_cfg, tokenizer, chatml, train_file, val_size=5, shuffle_buffer=4)
+    resumed.stream.load_state_dict(_roundtrip(dm.stream.state_dict(0, 1)))
+    assert _micro_batches(resumed) == reference[1:]
+
+
 def test_a_state_of_another_order_or_kind_is_refused(data_cfg, tokenizer, chatml, train_file):
     dm = _dm(data_cfg, tokenizer, chatml, train_file, shuffle_buffer=8)
     dm.stream.configure(accumulate=1, world_size=1, rank=0, epoch_of=lambda: 0)
@@ -222,8 +245,28 @@ def test_streaming_refuses_what_a_stream_cannot_honour():
     )
     for key in ("data.val_fraction", "data.dedupe", "data.group_by_length", "data.num_workers"):
         assert f"  - {key} (" in message, key
-    assert "set data.val_path to a separate validation source" in message
+    assert "set data.val_size=<rows> (the first rows held out) or data.val_path" in message
     assert "trainer.max_steps" not in message
+
+
+def test_val_size_rules():
+    message = _problems(["data.val_size=100"])
+    assert "data.val_size (" in message and "without data.streaming=true use data.val_fraction" in message
+    stream = ["data.streaming=true", "trainer.max_steps=10", "trainer.val_check_interval=5"]
+    message = _problems([*stream, "data.val_size=100"])  # the default data has a val_path
+    assert "data.val_size (" in message and "and so does data.val_path: keep one of them" in message
+    cfg, origin = build.compose_with_origin(
+        [
+            "model=tiny_random",
+            "data=jsonl",
+            f"data.train_path={ISO_DATA / 'train.jsonl'}",
+            *stream,
+            "data.val_fraction=0",
+            "data.val_size=100",
+        ],
+        output_dir="/tmp/unused",
+    )
+    validate(cfg, origin)  # no validation file needed: the first 100 rows are the validation split
 
 
 def test_the_datamodule_refuses_them_too(data_cfg, tokenizer, chatml, train_file):

@@ -34,6 +34,7 @@ from sftlab.data.pipeline import (
     convert_rows,
     dedupe,
     default_num_proc,
+    encode_split,
     encoded_chunks,
     gc_paused,
     rows_with_markers,
@@ -105,6 +106,7 @@ class SFTDataModule(pl.LightningDataModule):
         audit: bool | list[str] = False,
         streaming: bool = False,
         shuffle_buffer: int = 1000,
+        val_size: int = 0,
     ) -> None:
         super().__init__()
         self.tokenizer, self.template = tokenizer, template
@@ -127,7 +129,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
         self.num_proc = default_num_proc() if num_proc is None else num_proc
         self.group_by_length, self.audit = group_by_length, audit
-        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.streaming, self.shuffle_buffer, self.val_size = streaming, shuffle_buffer, val_size
         self._check_settings()
         self.splits: dict[str, SplitData] = {}
         self.sampler: StepPlanSampler | None = None
@@ -171,6 +173,11 @@ class SFTDataModule(pl.LightningDataModule):
         if self.splits:
             return
         if self.stream is not None:
+            if self.val_size:
+                held_out, skipped = self.stream.hold_out(self.val_size)
+                kwargs = {"skipped": skipped, "duplicates": 0, "packing": self.packing, **self.encode_kwargs}
+                self.splits["val"] = encode_split(held_out, self.template, self.tokenizer, **kwargs)
+                self._check_split("val", self.splits["val"])
             self.splits["train"] = self.stream.preview()
             if not any(self.sources.values()):
                 return

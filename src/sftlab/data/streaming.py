@@ -267,6 +267,7 @@ class TrainStream(IterableDataset):
         self._markers, self._with_markers = special_strings(tokenizer), 0
         self._snapshots: dict[tuple[int, int], dict] = {}
         self._resume: dict | None = None
+        self._start: dict | None = None  # where every pass starts: after the rows held out for validation
 
     def configure(self, *, accumulate: int, world_size: int, rank: int, epoch_of: Callable[[], int]) -> None:
         """The trainer's side of the plan: micro-batches per step, ranks, and the epoch being trained."""
@@ -333,7 +334,7 @@ class TrainStream(IterableDataset):
         resume, self._resume = self._resume, None
         if resume is not None and resume["epoch"] != epoch:
             resume = None  # the checkpoint closed that epoch: this one starts from the beginning
-        rows = Rows(self.sources, "train", resume["rows"] if resume else None)
+        rows = Rows(self.sources, "train", resume["rows"] if resume else self._start)
         shuffler = None
         if self.shuffle and self.shuffle_buffer > 1:
             state = resume["shuffle"] if resume else None
@@ -460,11 +461,26 @@ class TrainStream(IterableDataset):
                 "data.truncation=truncate, or raise data.max_drop_ratio."
             )
 
+    def hold_out(self, n: int) -> tuple[list[Conversation], Counter]:
+        """The first `n` rows as conversations (and the bad ones skipped, by reason), for the validation
+        split; every pass of the stream then starts after them."""
+        rows = Rows(self.sources, "train")
+        taken = [row for _, row in itertools.islice(iter(rows), n)]
+        if len(taken) < n:
+            raise DataError(
+                f"data.val_size={n}: the training data has only {len(taken)} rows, none left to train on. "
+                "Lower data.val_size."
+            )
+        convs, skipped = convert_rows(taken, self.fmt, self.fields, self.on_error)
+        self._start = rows.state()
+        return convs, skipped
+
     def preview(self) -> SplitData:
         """The first examples of the stream in source order: a cheap stand-in for the whole split where one is
         asked for (resume's data fingerprint, sftlab-inspect), with the live counts of the stream."""
         skipped, with_markers = Counter(self._skipped), self._with_markers
-        convs = [c for _, c in itertools.islice(self._conversations(Rows(self.sources, "train")), PREVIEW)]
+        rows = Rows(self.sources, "train", self._start)
+        convs = [c for _, c in itertools.islice(self._conversations(rows), PREVIEW)]
         self._skipped, self._with_markers = skipped, with_markers
         encoded = encode_conversations(convs, self.template, self.tokenizer, **self.encode_kwargs)
         kept = [(e, c) for e, c in zip(encoded, convs, strict=True) if not e.dropped]
@@ -478,6 +494,8 @@ def check_stream_settings(dm: Any) -> None:
         "streaming": True,
         "shuffle_buffer": dm.shuffle_buffer,
         "val_fraction": dm.val_fraction,
+        "val_size": dm.val_size,
+        "val_path": dm.sources["val"] or None,
         "dedupe": dm.dedupe,
         "group_by_length": dm.group_by_length,
         "audit": dm.audit,
