@@ -132,6 +132,8 @@ def test_a_saved_state_continues_the_stream_exactly(data_cfg, tokenizer, chatml,
         resumed.stream.load_state_dict(state)
         assert _micro_batches(resumed, accumulate=2) == reference[consumed:], consumed
         assert resumed.counts()["train"]["rows"] == 32
+    # Saved at the end of the pass, once Lightning counts the next epoch: the next pass starts afresh.
+    assert dm.stream.state_dict(1, len(reference)) == {}
 
 
 def test_val_size_holds_out_the_first_rows_and_every_pass_starts_after_them(

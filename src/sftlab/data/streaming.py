@@ -24,6 +24,9 @@ packing.pack), applied to one optimizer step's worth of rows at a time:
     micro-batches of that step already trained; a resumed run starts the stream there. The shuffle buffer's
     rows travel in the checkpoint as JSON, so a checkpoint grows by about `shuffle_buffer` rows of text.
 
+Validation comes from `data.val_path` (processed and cached as usual) or, with `data.val_size=N`, from the
+first N rows of the training source (`hold_out`), after which every pass starts.
+
 Tokenization runs in the training process (`data.num_proc` does not apply; `data.num_workers` must be 0):
 a step's rows are encoded in one batched tokenizer call while the accelerator waits, which on a GPU costs a
 few percent of a step for chat-sized rows.
@@ -279,6 +282,9 @@ class TrainStream(IterableDataset):
         of their last step, and how many of that step's micro-batches were trained."""
         step, into = divmod(consumed, self.accumulate)
         snap = self._snapshots.get((epoch, step))
+        if snap is None and all(e < epoch for e, _ in self._snapshots):
+            # Saved at the end of a pass, after Lightning counted the next epoch: that pass starts afresh.
+            return {}
         if snap is None:
             raise RuntimeError(
                 f"streaming: no record of step {step} of epoch {epoch} (have {sorted(self._snapshots)}); "
