@@ -3,6 +3,7 @@ order, an exact continuation from a saved state, and refuses what it cannot hono
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import json
@@ -172,6 +173,47 @@ def test_a_state_of_another_order_or_kind_is_refused(data_cfg, tokenizer, chatml
         ConfigError, match=r"written with data.streaming=True; a launch with data.streaming=False"
     ):
         mapped.load_state_dict({"stream": state})
+
+
+@pytest.fixture(scope="module")
+def alpaca_files(tmp_path_factory):
+    """The same 20 alpaca rows as JSONL, CSV and parquet (read through datasets' streaming builder, the hub
+    path's reader)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("formats")
+    rows = [
+        {"instruction": f"Spell {i} in words.", "input": "", "output": f"The number {i}."} for i in range(20)
+    ]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(folder / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "rows.parquet", row_group_size=7)
+    return {suffix: folder / f"rows.{suffix}" for suffix in ("jsonl", "csv", "parquet")}
+
+
+def test_every_reader_streams_the_same_examples_and_resumes_exactly(
+    data_cfg, tokenizer, chatml, alpaca_files
+):
+    def stream(path, state=None):
+        dm = _dm(data_cfg, tokenizer, chatml, path, shuffle_buffer=4, batch_size=2)
+        if state is not None:
+            dm.stream.load_state_dict(state)
+        return dm, _micro_batches(dm, accumulate=2)
+
+    _, reference = stream(alpaca_files["jsonl"])
+    assert len(reference) == 10
+    for suffix in ("csv", "parquet"):
+        dm, got = stream(alpaca_files[suffix])
+        assert got == reference, suffix
+        it = iter(dm.stream)
+        for _ in range(6):
+            next(it)
+        _, resumed = stream(alpaca_files[suffix], _roundtrip(dm.stream.state_dict(0, 5)))
+        assert resumed == reference[5:], suffix
 
 
 def test_packed_stream_keeps_every_example_once_within_max_length(data_cfg, tokenizer, chatml, train_file):
