@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sftlab import build
-from sftlab.config import validate
+from sftlab.config import streaming_problems, validate
 from sftlab.data.sampler import StepPlanSampler
 from sftlab.errors import ConfigError, DataError
 from sftlab.model.adapters import LoRA
@@ -263,8 +263,10 @@ def _problems(overrides):
 
 
 def test_streaming_without_max_steps_is_refused_naming_the_files():
-    message = _problems(["data.streaming=true"])
-    assert "(2 problem(s))" in message
+    """Also: data.val_size beside data.val_path (the default data has one). A valid data.val_size command is
+    in docs/streaming.md, which tests/test_docs.py validates."""
+    message = _problems(["data.streaming=true", "data.val_size=100"])
+    assert "(3 problem(s))" in message
     assert (
         f"trainer.max_steps ({ROOT}/conf/trainer/default.yaml or the command line; data.streaming=true in "
         in (message)
@@ -272,6 +274,7 @@ def test_streaming_without_max_steps_is_refused_naming_the_files():
     assert f"{ROOT}/conf/data/default.yaml or the command line)" in message
     assert "set trainer.max_steps=<steps>" in message
     assert "trainer.val_check_interval" in message and "a number of micro-batches" in message
+    assert "data.val_size (" in message and "and so does data.val_path: keep one of them" in message
 
 
 def test_streaming_refuses_what_a_stream_cannot_honour():
@@ -293,24 +296,15 @@ def test_streaming_refuses_what_a_stream_cannot_honour():
     assert "trainer.max_steps" not in message
 
 
-def test_val_size_rules():
-    message = _problems(["data.val_size=100"])
-    assert "data.val_size (" in message and "without data.streaming=true use data.val_fraction" in message
-    stream = ["data.streaming=true", "trainer.max_steps=10", "trainer.val_check_interval=5"]
-    message = _problems([*stream, "data.val_size=100"])  # the default data has a val_path
-    assert "data.val_size (" in message and "and so does data.val_path: keep one of them" in message
-    cfg, origin = build.compose_with_origin(
-        [
-            "model=tiny_random",
-            "data=jsonl",
-            f"data.train_path={ISO_DATA / 'train.jsonl'}",
-            *stream,
-            "data.val_fraction=0",
-            "data.val_size=100",
-        ],
-        output_dir="/tmp/unused",
-    )
-    validate(cfg, origin)  # no validation file needed: the first 100 rows are the validation split
+def test_val_size_needs_streaming():
+    assert streaming_problems({"val_size": 100}, None) == [
+        (
+            "data.val_size",
+            "holds out the first rows of a stream; without data.streaming=true use data.val_fraction.",
+        )
+    ]
+    assert streaming_problems({"val_size": -1, "streaming": True}, None)[0][0] == "data.val_size"
+    assert streaming_problems({"val_size": 100, "streaming": True}, None) == []
 
 
 def test_the_datamodule_refuses_them_too(data_cfg, tokenizer, chatml, train_file):
