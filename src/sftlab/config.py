@@ -23,7 +23,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,11 +422,100 @@ def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> Non
             f"ISO-date sets ({origin.where('data.train_path')}): add data=jsonl (validation held out from "
             "your data, no test set) or set data.val_path / data.test_path to your own files."
         )
-    if origin.config_name == "train" and val is None and not data.get("val_fraction"):
+    if (
+        origin.config_name == "train"
+        and val is None
+        and not data.get("val_fraction")
+        and not data.get("val_size")
+    ):
         problems.append(
             f"data.val_path=null and data.val_fraction={data.get('val_fraction')!r} "
             f"({origin.where('data.val_fraction')}): training needs a validation split (best checkpoint, "
             "early stopping). Set data.val_path=<file> or data.val_fraction=0.05."
+        )
+
+
+def streaming_problems(data: Mapping[str, Any], trainer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """With `data.streaming=true`: (key, problem) for each setting a stream cannot honour (docs/streaming.md).
+    `trainer`: None where it is not known (the datamodule built on its own)."""
+    val_size = data.get("val_size", 0)
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+        return [("data.val_size", "must be an integer >= 0 (rows).")]
+    if data.get("streaming") is not True:
+        if val_size:
+            why = "holds out the first rows of a stream; without data.streaming=true use data.val_fraction"
+            return [("data.val_size", f"{why}.")]
+        return []
+    out = []
+    if val_size and data.get("val_path") is not None:
+        out.append(("data.val_size", "gives a validation split and so does data.val_path: keep one of them."))
+    buffer = data.get("shuffle_buffer", 1000)
+    if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 0:
+        out.append(("data.shuffle_buffer", "must be an integer >= 0 (rows; 0 or 1: the source order)."))
+    if data.get("val_fraction"):
+        out.append(
+            (
+                "data.val_fraction",
+                "a fraction of a stream of unknown length cannot be held out: set data.val_size=<rows> (the "
+                "first rows held out) or data.val_path (a separate source), and data.val_fraction=0.",
+            )
+        )
+    refused = {
+        "dedupe": "finding duplicates across a stream needs every row seen; dedupe the data beforehand",
+        "group_by_length": "length grouping sorts the whole split; use data.packing=true instead",
+        "audit": "the audit reads the whole data; run sftlab-data audit on a sample beforehand",
+    }
+    for key, why in refused.items():
+        if data.get(key):
+            out.append((f"data.{key}", f"not with data.streaming=true ({why}); set data.{key}=false."))
+    if data.get("num_workers"):
+        out.append(
+            (
+                "data.num_workers",
+                "a stream is read in the training process (its position goes into checkpoints); set "
+                "data.num_workers=0.",
+            )
+        )
+    train = data.get("train_path")
+    if isinstance(train, Sequence) and not isinstance(train, str):
+        weights = [s.get("weight", 1) for s in train if isinstance(s, Mapping)]
+        if any(w != 1 for w in weights):
+            out.append(
+                (
+                    "data.train_path",
+                    "mixture weights are not applied to a stream (its sources are read one after the "
+                    "other); drop the weights, or set data.streaming=false.",
+                )
+            )
+    if trainer is not None:
+        steps = trainer.get("max_steps")
+        if not (isinstance(steps, int) and steps >= 1):
+            out.append(
+                (
+                    "trainer.max_steps",
+                    f"is {steps!r}; a stream has no length, so the run, its learning-rate schedule and its "
+                    "progress are counted in optimizer steps: set trainer.max_steps=<steps>.",
+                )
+            )
+        every = trainer.get("val_check_interval")
+        if not (isinstance(every, int) and not isinstance(every, bool)) and every != 1.0:
+            out.append(
+                (
+                    "trainer.val_check_interval",
+                    f"is {every!r}; a fraction of an epoch has no meaning for a stream: set it to a number "
+                    "of micro-batches (an integer, e.g. 200), or 1.0 (only when the stream ends).",
+                )
+            )
+    return out
+
+
+def _check_streaming(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    data, trainer = cfg.get("data"), cfg.get("trainer")
+    if not isinstance(data, DictConfig):
+        return
+    for key, problem in streaming_problems(data, trainer if isinstance(trainer, DictConfig) else None):
+        problems.append(
+            f"{key} ({origin.where(key)}; data.streaming=true in {origin.where('data.streaming')}): {problem}"
         )
 
 
@@ -466,6 +555,7 @@ def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
     _check_paths(cfg, origin, problems)
     problems += device_problems(cfg, origin)
     _check_data_mix(cfg, origin, problems)
+    _check_streaming(cfg, origin, problems)
     _check_devices(cfg, origin, problems)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)

@@ -33,6 +33,7 @@ from sftlab.data.pipeline import (
     SplitData,
     Workers,
     default_num_proc,
+    encode_split,
     first_occurrences,
     gc_paused,
     remove_converted,
@@ -44,6 +45,7 @@ from sftlab.data.quality import special_strings
 from sftlab.data.reasoning import POLICIES as REASONING_POLICIES
 from sftlab.data.sampler import StepPlanSampler
 from sftlab.data.sources import ON_ERROR, parse_sources, raw_chunks, source_fingerprint
+from sftlab.data.streaming import TrainStream, check_stream_settings, stream_loader
 from sftlab.data.tokenize import Template
 from sftlab.errors import ConfigError, DataError
 
@@ -63,6 +65,8 @@ class SFTDataModule(pl.LightningDataModule):
     removed at exit). `num_proc`: worker processes that convert and tokenize (null: the CPU count, at most 8;
     1: in this process). `audit`: read by sftlab-train, which audits the data
     first (`sftlab-data audit`) and refuses to train when a check holds (true: contamination>0; or a list).
+    `streaming`: the training split is read, tokenized and (packed) while training runs, in the order of a
+    seeded `shuffle_buffer` of rows (data/streaming.py); validation and test are processed as usual.
     """
 
     def __init__(
@@ -92,6 +96,9 @@ class SFTDataModule(pl.LightningDataModule):
         num_proc: int | None = None,
         seed: int = 0,
         audit: bool | list[str] = False,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        val_size: int = 0,
     ) -> None:
         super().__init__()
         self.tokenizer, self.template = tokenizer, template
@@ -114,9 +121,28 @@ class SFTDataModule(pl.LightningDataModule):
         self.shuffle, self.num_workers, self.seed = shuffle, num_workers, seed
         self.num_proc = default_num_proc() if num_proc is None else num_proc
         self.group_by_length, self.audit = group_by_length, audit
+        self.streaming, self.shuffle_buffer, self.val_size = streaming, shuffle_buffer, val_size
         self._check_settings()
         self.splits: dict[str, SplitData] = {}
         self.sampler: StepPlanSampler | None = None
+        self.stream: TrainStream | None = None
+        if streaming:
+            check_stream_settings(self)
+            self.stream = TrainStream(
+                self.sources.pop("train"),  # the map-style pipeline and its cache see val and test only
+                template,
+                tokenizer,
+                fmt=format,
+                fields=self.fields,
+                on_error=on_error,
+                encode_kwargs=self.encode_kwargs,
+                packing=packing,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                shuffle_buffer=shuffle_buffer,
+                seed=seed,
+                max_drop_ratio=max_drop_ratio,
+            )
 
     def _check_settings(self) -> None:
         if self.encode_kwargs["reasoning"] not in REASONING_POLICIES:
@@ -138,6 +164,15 @@ class SFTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        if self.stream is not None:
+            if self.val_size:
+                held_out, skipped = self.stream.hold_out(self.val_size)
+                kwargs = {"skipped": skipped, "duplicates": 0, "packing": self.packing, **self.encode_kwargs}
+                self.splits["val"] = encode_split(held_out, self.template, self.tokenizer, **kwargs)
+                self._check_split("val", self.splits["val"])
+            self.splits["train"] = self.stream.preview()
+            if not any(self.sources.values()):
+                return
         entry = self._cache_entry()
         loaded = cache.load(entry) if entry is not None else None
         if loaded is not None:
@@ -156,9 +191,10 @@ class SFTDataModule(pl.LightningDataModule):
             if loaded is None:
                 raise DataError(f"data: the processed splits written to {entry} cannot be read back.")
             log.info("data processed in %.2f s into %s", time.perf_counter() - started, entry)
-        self.splits = {split: SplitData(**parts) for split, parts in loaded.items()}
-        for split, data in self.splits.items():
+        splits = {split: SplitData(**parts) for split, parts in loaded.items()}
+        for split, data in splits.items():
             self._check_split(split, data)
+        self.splits.update(splits)
 
     def _process(self, build: Path) -> dict[str, dict[str, Any]]:
         """Read and convert the rows, dedupe and split them, then encode each split chunk by chunk straight
@@ -294,6 +330,8 @@ class SFTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        if self.stream is not None:
+            return stream_loader(self, trainer)
         self.sampler = StepPlanSampler(
             self.splits["train"].num_targets,
             batch_size=self.batch_size,
@@ -328,15 +366,23 @@ class SFTDataModule(pl.LightningDataModule):
         if trainer is None or trainer.state.fn != "fit":
             return {}
         fit_loop = trainer.fit_loop
-        return {
-            "sampler": {
-                "epoch": fit_loop.epoch_progress.current.processed,
-                "consumed": fit_loop.epoch_loop.batch_progress.current.processed,
-            }
-        }
+        epoch = fit_loop.epoch_progress.current.processed
+        consumed = fit_loop.epoch_loop.batch_progress.current.processed
+        if self.stream is not None:
+            return {"stream": self.stream.state_dict(epoch, consumed)}
+        return {"sampler": {"epoch": epoch, "consumed": consumed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_state = state_dict.get("sampler")
+        kind, other = ("stream", "sampler") if self.stream is not None else ("sampler", "stream")
+        if other in state_dict and kind not in state_dict:
+            raise ConfigError(
+                f"resume: the checkpoint was written with data.streaming={other == 'stream'}; a launch with "
+                f"data.streaming={self.stream is not None} cannot continue its sample stream. Resume with "
+                "the checkpoint's setting."
+            )
+        self._resume_state = state_dict.get(kind)
+        if self.stream is not None:
+            self.stream.load_state_dict(self._resume_state)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(Examples(self.splits["val"].examples), batch_size=self.eval_batch_size)

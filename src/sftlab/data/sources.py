@@ -209,15 +209,18 @@ def read_json(file: Path) -> list[Row]:
 
 def read_csv(file: Path) -> list[Row]:
     """CSV with a header row; every cell stays a string (no type guessing); `file:line` of each record."""
-    rows: list[Row] = []
+    return list(iter_csv_rows(file))
+
+
+def iter_csv_rows(file: Path) -> Iterator[Row]:
+    """`read_csv`, one record at a time."""
     with open(file, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         start = 2
         for row in reader:
             if any(v for v in row.values() if isinstance(v, str) and v.strip()):
-                rows.append((f"{file}:{start}", row))
+                yield f"{file}:{start}", row
             start = reader.line_num + 1
-    return rows
 
 
 def read_with_datasets(source: Source, file: Path | None, split: str, key: str) -> list[Row]:

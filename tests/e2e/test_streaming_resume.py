@@ -1,0 +1,62 @@
+"""Streaming kill-and-resume through the real entry point: `data.streaming=true` with a seeded shuffle buffer,
+SIGKILLed twice and resumed with `resume=auto`, trains the uninterrupted run's micro-batches (sample ids,
+losses, learning rates) and ends with its adapter, bit for bit.
+
+The chain of tests/training/test_resume.py (same recording and killing callbacks): killed after 5 steps with
+last.ckpt every 3 steps (a mid-epoch resume from step 3), then after 7 steps with last.ckpt after every
+validation (a resume from the save at the end of the stream's first pass, step 6); the stream has 24 rows,
+batch 4: 6 steps per pass, 12 steps in all.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import small_iso_data
+from tests.training.test_resume import _finish, _records, _start
+
+pytestmark = pytest.mark.slow
+
+STREAM = ("data.streaming=true", "data.shuffle_buffer=8", "trainer.max_steps=12")
+
+
+def test_streaming_sigkill_and_resume_trains_the_uninterrupted_stream(tmp_path):
+    data = [*small_iso_data(tmp_path), *STREAM]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    reference = _start(ref_dir, data)
+    resumed_from = []
+    every_3_steps = ("callbacks.last_checkpoint.every_n_train_steps=3",)
+    for kill_at, extra in ((5, every_3_steps), (7, ()), (None, ())):
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        resumed_from.append(torch.load(ckpt, weights_only=True)["global_step"] if ckpt.exists() else 0)
+        code, out = _finish(_start(run_dir, data, kill_at, extra))
+        assert code == (-signal.SIGKILL if kill_at else 0), out[-3000:]
+    code, out = _finish(reference)
+    assert code == 0, out[-3000:]
+
+    assert resumed_from == [0, 3, 6]
+    ref = _records(ref_dir)
+    assert [r["step"] for r in ref] == list(range(12)) and [r["epoch"] for r in ref] == [0] * 6 + [1] * 6
+    # A shuffled stream: not the file order, and the second pass is another order of the same rows.
+    ids = [r["index"] for r in ref]
+    first, second = sorted(i for b in ids[:6] for i in b), sorted(i for b in ids[6:] for i in b)
+    assert first == second == list(range(24)) and ids[0] != [0, 1, 2, 3] and ids[:6] != ids[6:]
+    segments: dict[int, list[dict]] = {}
+    for r in _records(run_dir):
+        segments.setdefault(r["pid"], []).append(r)
+    assert [seg[0]["step"] for seg in segments.values()] == resumed_from
+    for seg, start in zip(segments.values(), resumed_from, strict=True):
+        strip = [{k: v for k, v in r.items() if k != "pid"} for r in seg]
+        expected = [{k: v for k, v in r.items() if k != "pid"} for r in ref[start : start + len(seg)]]
+        assert strip == expected
+    assert segments[list(segments)[-1]][-1]["step"] == 11
+
+    ref_adapter = load_file(ref_dir / "adapter" / "adapter_model.safetensors")
+    got_adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert ref_adapter.keys() == got_adapter.keys()
+    for name, tensor in ref_adapter.items():
+        assert torch.equal(tensor, got_adapter[name]), name
