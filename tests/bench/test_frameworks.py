@@ -94,7 +94,8 @@ def test_logs_are_read_for_the_training_seconds():
     hf = "{'loss': 0.31, 'epoch': 1.0}\n{'train_runtime': 181.254, 'train_samples_per_second': 4.41}\n"
     assert fw.hf_train_runtime(hf) == 181.254
     assert (
-        fw.litgpt_training_time("Epoch 1 | iter 800 ...\nTraining time: 123.45s\nMemory used: 1 GB") == 123.45
+        fw.litgpt_training_time("| Performance\n| - Training Time             :  164.33 s\n| - Tok/sec")
+        == 164.33
     )
     bar = (
         "1|50|Loss: 0.9:  50%|#####     | 50/100 [01:05<01:05, 1.3s/it]\r"

@@ -7,7 +7,7 @@ conversations (LoRA r=16 on all linear layers, dropout 0, lr 2e-4, batch 8, one 
 (experiments/peers/), in its own virtual environment (`make bench-peers`), as a subprocess. Measured per run:
 
 * train seconds of the 100 steps, from the framework's own report where it prints one (HF Trainer's
-  `train_runtime`, litgpt's "Training time"; sftlab: a callback, validation excluded), else the process's wall
+  `train_runtime`, litgpt's "Training Time"; sftlab: a callback, validation excluded), else the process's wall
   time (the note says which);
 * tokens/s: the non-pad tokens of the 800 training conversations as sftlab counts them (template-rendered,
   right-padded batches' attention ones) / train seconds, the same numerator for everyone;
@@ -39,10 +39,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from sftlab.paths import config_dir
+
 log = logging.getLogger("sftlab.bench")
 
-ROOT = Path(__file__).resolve().parents[3]
-RECIPES = ROOT / "experiments" / "peers"
+ROOT = Path(__file__).resolve().parents[3]  # the checkout, where `make bench-peers` puts .peers/
+RECIPES = config_dir() / "experiment" / "peers"  # experiments/peers/, in a checkout and in a wheel
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # How a peer's failure shows in its log, most telling first: the error's own line, not the traceback's tail.
 _ERROR_LINE = re.compile(
@@ -151,7 +153,8 @@ def hf_train_runtime(text: str) -> float | None:
 
 
 def litgpt_training_time(text: str) -> float | None:
-    found = re.findall(r"Training time:\s*([\d.]+)\s*s", text)
+    # its performance report: "| - Training Time             :  164.33 s"
+    found = re.findall(r"Training Time\s*:\s*([\d.]+)\s*s", text, re.I)
     return float(found[-1]) if found else None
 
 
@@ -221,6 +224,7 @@ class Framework:
     train_time: Callable[[Path, str], float | None]  # (run dir, log text) -> seconds
     timing: str  # where train seconds come from, for the note
     render: str | None = None  # Python run in the peer's venv, in the run dir: prints the sample's text
+    train_index: int = 0  # which command trains: only its wall, CPU and RSS are the run's figures
 
 
 def _link_model(model_dir: str, target: Path) -> None:
@@ -346,8 +350,9 @@ FRAMEWORKS: dict[str, Framework] = {
         ],
         result=lambda run: {"weights": str(run / LITGPT_OUT / "hf" / "model.pth")},
         train_time=lambda run, text: litgpt_training_time(text),
-        timing="litgpt's Training time",
+        timing="litgpt's Training Time",
         render=_RENDER_LITGPT,
+        train_index=1,
     ),
     "axolotl": Framework(
         name="axolotl",
@@ -418,9 +423,10 @@ def run_framework(fw: Framework, setup: Setup, workdir: Path, root: Path, timeou
     run.mkdir(parents=True)
     fw.lay_out(run, setup)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env["PYTHONUNBUFFERED"] = "1"  # a killed or failed run still leaves its last lines in the log
     env["PYTHONPATH"] = str(run)  # the peer's venv and the recipe's own modules, not this checkout's sources
     wall = cpu = peak = 0.0
-    texts = []
+    texts: list[str] = []
     for k, cmd in enumerate(fw.commands(run, root / fw.name)):
         if not Path(cmd[0]).is_file():
             row.note = f"{cmd[0]} does not exist: the venv lacks the {fw.name} CLI (run `make bench-peers`)"
@@ -428,14 +434,13 @@ def run_framework(fw: Framework, setup: Setup, workdir: Path, root: Path, timeou
         proc = run_process(cmd, cwd=run, log_path=run / f"step{k}.log", env=env, timeout=timeout)
         text = proc.log.read_text(errors="replace")
         texts.append(text)
-        if k == 0 or "finetune" in cmd[1] or cmd[1] == "train" or cmd[1] == "run":
-            wall, cpu, peak = wall + proc.wall_s, cpu + proc.cpu_s, max(peak, proc.peak_rss_mb)
+        if k == fw.train_index:
+            wall, cpu, peak = proc.wall_s, proc.cpu_s, proc.peak_rss_mb
         if proc.rc != 0:
             why = f"timed out after {timeout:.0f} s" if proc.timed_out else failure_reason(text)
             row.note = f"`{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}` failed: {why}"
             return row, {}
-    train_text = texts[1] if fw.name == "litgpt" else texts[0]
-    train_s = fw.train_time(run, train_text)
+    train_s = fw.train_time(run, texts[fw.train_index])
     row.ok = True
     row.wall_s, row.cpu_s, row.peak_rss_mb = wall, cpu, peak
     row.train_s = train_s if train_s is not None else wall
