@@ -425,6 +425,8 @@ def run_framework(fw: Framework, setup: Setup, workdir: Path, root: Path, timeou
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env["PYTHONUNBUFFERED"] = "1"  # a killed or failed run still leaves its last lines in the log
     env["PYTHONPATH"] = str(run)  # the peer's venv and the recipe's own modules, not this checkout's sources
+    # as with the venv activated: a CLI may start another of its venv's commands (axolotl: `accelerate`)
+    env["PATH"] = f"{root / fw.name / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     wall = cpu = peak = 0.0
     texts: list[str] = []
     for k, cmd in enumerate(fw.commands(run, root / fw.name)):
