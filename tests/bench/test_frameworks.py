@@ -108,7 +108,10 @@ def test_logs_are_read_for_the_training_seconds():
 
 
 def test_a_failed_subprocess_is_measured_and_its_reason_is_the_error_line(tmp_path):
-    code = "import sys; print('loading model'); sys.stdout.flush(); raise RuntimeError('bf16 requires CUDA')"
+    code = (
+        "import atexit, sys; atexit.register(print, 'shutting down data workers'); print('loading model'); "
+        "sys.stdout.flush(); raise RuntimeError('bf16 requires CUDA')"
+    )
     proc = fw.run_process([sys.executable, "-c", code], cwd=tmp_path, log_path=tmp_path / "x.log", timeout=60)
     assert proc.rc == 1 and not proc.timed_out
     assert proc.cpu_s > 0 and proc.peak_rss_mb > 1
@@ -159,7 +162,7 @@ def test_a_venv_without_the_cli_names_it(tmp_path, monkeypatch):
 def test_table_figures_and_pooled_rounds():
     rounds = [
         fw.Row("x", "1", ok=True, train_s=100.0, wall_s=110.0, cpu_s=200.0, peak_rss_mb=900.0, tokens=40000),
-        fw.Row("x", "1", ok=True, train_s=80.0, wall_s=90.0, cpu_s=160.0, peak_rss_mb=1000.0, tokens=40000),
+        fw.Row("x", "1", ok=True, train_s=70.0, wall_s=90.0, cpu_s=160.0, peak_rss_mb=1000.0, tokens=40000),
         fw.Row("x", "1", ok=True, train_s=90.0, wall_s=95.0, cpu_s=150.0, peak_rss_mb=950.0, tokens=40000),
     ]
     row = fw.pool(rounds)
