@@ -178,6 +178,7 @@ def test_template_comparison_names_the_difference():
     assert fw.compare_render(ours.rstrip("\n"), target, ours, target).startswith(
         "template text identical but the final newline"
     )
+    assert fw.compare_render(ours, None, ours, target) == "template text identical (trained part not checked)"
     assert fw.compare_render(ours, target + "\n", ours, target).endswith(
         "trained part 'a<|im_end|>\\n' vs sftlab 'a<|im_end|>'"
     )

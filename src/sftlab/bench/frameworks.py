@@ -315,6 +315,16 @@ print(json.dumps({"text": tok.decode(ids, skip_special_tokens=False),
                   "target": tok.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)}))
 """
 
+_RENDER_AXOLOTL = """
+import json
+from transformers import AutoTokenizer
+from axolotl.utils.chat_templates import get_chat_template
+tok = AutoTokenizer.from_pretrained("models/SmolLM2-135M-Instruct")
+conv = json.loads(open("data/iso_dates_train.jsonl").readline())["messages"]
+text = tok.apply_chat_template(conv, chat_template=get_chat_template("chatml"), tokenize=False)
+print(json.dumps({"text": text, "target": None}))
+"""
+
 FRAMEWORKS: dict[str, Framework] = {
     "llamafactory": Framework(
         name="llamafactory",
@@ -362,6 +372,7 @@ FRAMEWORKS: dict[str, Framework] = {
         result=lambda run: {"adapter": str(run / "outputs" / "lora")},
         train_time=lambda run, text: hf_train_runtime(text),
         timing="HF Trainer train_runtime",
+        render=_RENDER_AXOLOTL,
     ),
 }
 
@@ -424,6 +435,7 @@ def run_framework(fw: Framework, setup: Setup, workdir: Path, root: Path, timeou
     fw.lay_out(run, setup)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env["PYTHONUNBUFFERED"] = "1"  # a killed or failed run still leaves its last lines in the log
+    env["AXOLOTL_DO_NOT_TRACK"] = env["DO_NOT_TRACK"] = "1"  # no telemetry retries against a closed network
     env["PYTHONPATH"] = str(run)  # the peer's venv and the recipe's own modules, not this checkout's sources
     # as with the venv activated: a CLI may start another of its venv's commands (axolotl: `accelerate`)
     env["PATH"] = f"{root / fw.name / 'bin'}{os.pathsep}{env.get('PATH', '')}"
@@ -578,7 +590,7 @@ def template_check(fw: Framework, setup: Setup, workdir: Path, root: Path) -> st
     return compare_render(got["text"], got["target"], setup.sample_text, setup.sample_target)
 
 
-def compare_render(text: str, target: str, ours: str, our_target: str) -> str:
+def compare_render(text: str, target: str | None, ours: str, our_target: str) -> str:
     """One phrase: the same text, or where it differs (a trailing newline sftlab renders as the next turn's
     separator, untrained, is named as such)."""
     if text == ours:
@@ -587,6 +599,8 @@ def compare_render(text: str, target: str, ours: str, our_target: str) -> str:
         same = "template text identical but the final newline (untrained in sftlab)"
     else:
         return f"template text differs: {text!r} vs sftlab {ours!r}"
+    if target is None:  # the peer renders the text in one place and masks it in another
+        return f"{same} (trained part not checked)"
     if target == our_target:
         return f"{same}, same trained tokens"
     return f"{same}; trained part {target!r} vs sftlab {our_target!r}"
