@@ -212,7 +212,9 @@ def test_one_peer_end_to_end_on_a_few_rows(tmp_path):
 
     src = Path(fw.ROOT / "src/sftlab/resources/iso_dates")
     (tmp_path / "train.jsonl").write_text("".join((src / "train.jsonl").read_text().splitlines(True)[:16]))
-    (tmp_path / "test.jsonl").write_text("".join((src / "test.jsonl").read_text().splitlines(True)[:4]))
+    for split, n in (("val", 4), ("test", 4)):
+        rows = (src / f"{split}.jsonl").read_text().splitlines(True)[:n]
+        (tmp_path / f"{split}.jsonl").write_text("".join(rows))
     os.environ.setdefault("WANDB_MODE", "disabled")
     result = main(
         [
@@ -220,6 +222,8 @@ def test_one_peer_end_to_end_on_a_few_rows(tmp_path):
             "llamafactory",
             "-o",
             f"data.train_path={tmp_path / 'train.jsonl'}",
+            "-o",
+            f"data.val_path={tmp_path / 'val.jsonl'}",
             "-o",
             f"data.test_path={tmp_path / 'test.jsonl'}",
             "--workdir",
