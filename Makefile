@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SHELL   := /bin/bash
 
-.PHONY: install train test test-slow lint format bench check-floors clean gpu-check gpu-wheels
+.PHONY: install train test test-slow lint format bench bench-peers check-floors clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -27,6 +27,13 @@ test: $(STAMP)
 # Throughput beside TRL and a bare loop, efficiency, memory, data preparation (README, Performance): ~10 min.
 bench: $(STAMP)
 	$(PY) -m sftlab.bench.run $(ARGS)
+
+# The peer frameworks (LLaMA-Factory, torchtune, litgpt, axolotl), pinned, each in its own venv under .peers/
+# (or $SFTLAB_PEERS_DIR), idempotent; then `sftlab-bench --peers` runs them beside sftlab (docs/peers.md).
+# ARGS=litgpt: only that one. About 3 min the first time (uv), seconds afterwards.
+bench-peers: $(STAMP)
+	PYTHON=$(PY) bash scripts/bench_peers.sh $(ARGS)
+	@echo "bench-peers: now run: $(PY) -m sftlab.bench.run --peers"
 
 # On a GPU machine (docs/performance.md, GPU check): the gpu-marked tests, then Mistral-7B-shaped LoRA/QLoRA
 # and a 1B full fine-tune beside a bare transformers + peft loop; writes gpu-check.json and gpu-check.md in

@@ -98,6 +98,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch threads in every runner and the matmul peak (default: torch's choice, the cores)",
     )
+    ap.add_argument(
+        "--peers",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="sftlab's default run beside other frameworks (llamafactory torchtune litgpt axolotl; none "
+        "named: all), each in its venv from `make bench-peers`, judged by one sftlab evaluator; writes "
+        "bench-peers.json (docs/peers.md)",
+    )
     ap.add_argument("--out", default="bench.json", help="where to write the figures (default bench.json)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -279,6 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.peers is not None:
+        from sftlab.bench import frameworks
+
+        return frameworks.main(args, call)
     # OMP_WAIT_POLICY is left as `python train.py` runs (OpenMP threads spin briefly between parallel
     # regions, then sleep). PASSIVE (sleep at once) made every 2-thread step 25-35 % slower on a quiet
     # machine, since a training step is thousands of small parallel regions; ACTIVE (spin forever) let this
