@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss-targets",
         type=int,
         default=2048,
-        help="target tokens of the loss-memory figure (default 2048)",
+        help="target tokens of the loss-memory figure, above its chunk size of 1024 (default 2048)",
     )
     ap.add_argument(
         "--gpu-7b",
@@ -113,7 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.varied_rows, args.prep_rows = min(args.varied_rows, 64), min(args.prep_rows, 500)
         args.audit_rows = min(args.audit_rows, 500)
         args.scale_rows = [min(n, 2000) for n in args.scale_rows[:1]]
-        args.loss_targets = min(args.loss_targets, 512)
     return args
 
 
