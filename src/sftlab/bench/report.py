@@ -96,7 +96,7 @@ def targets(result: dict) -> list[dict]:
             _target(
                 "compute efficiency (bf16 peak)",
                 r.get("efficiency_bf16"),
-                0.45,
+                0.50,
                 cpu_value=r.get("efficiency_bf16_per_cpu_s"),
             )
         )
