@@ -174,3 +174,49 @@ def test_data_audit_figure_is_timed_and_printed(tmp_path, tiny_model_dir):
         {"date": "d", "machine": machine, "warmup": 1, "steps": 1, "peak": peak, "data_audit": audit}
     )
     assert "data audit (sftlab-data audit's analysis): 200 alpaca rows in" in text
+
+
+def test_one_table_carries_every_figure_and_the_history_row():
+    from sftlab.bench.report import figures, history_row, render_figures
+
+    steps = [Step(tokens=400, targets=80, pairs=1, computed=440, seconds=1.0, cpu_seconds=2.0)] * 3
+    result = {
+        "date": "2026-12-01 15:00 UTC",
+        "machine": {"cpu": "EPYC", "cpu_threads": 2},
+        "commit": "abc1234",
+        "command": "sftlab-bench --repeat 2",
+        "runs": summarize([Record("iso/sftlab", steps, {})], 1, {}),
+        "targets": [{"what": "sftlab / bare loop", "value": 1.1, "threshold": 0.95, "holds": True}],
+        "data_prep": {"rows": 500, "rows_per_s": 9000.0, "reload_s": 0.12},
+        "data_scale": [{"rows": 2000, "rows_per_s": 5000.0, "peak_rss_mb": 700.0}],
+        "data_scale_quick": True,
+        "data_audit": {"rows": 500, "rows_per_s": 3000.0},
+        "loss_memory": [
+            {"targets": 512, "chunk_size": 1024, "peak_growth_mib": 400.0, "loss": 11.7},
+            {"targets": 512, "chunk_size": None, "skipped": "needs about 1 GiB"},
+        ],
+        "first_step": {"seconds": 8.74},
+        "cli_latency_s": {"help": 1.25, "cfg_job": 1.5, "completion": 1.0},
+    }
+    table = {f: v for f, v, _ in figures(result)}
+    assert table == {
+        "iso/sftlab tok/s": "400",
+        "iso/sftlab % of bf16 peak": "-",
+        "sftlab / bare loop": "1.10",
+        "data prep rows/s": "9000",
+        "cached reload s": "0.12",
+        "data scale 2000 rows/s": "5000",
+        "data scale 2000 peak MB": "700",
+        "data audit rows/s": "3000",
+        "loss memory MiB, 512 targets, chunk 1024": "400",
+        "loss memory MiB, 512 targets, chunk none": "needs about 1 GiB",
+        "first optimizer step s": "8.7",
+        "CLI latency help s": "1.2",
+        "CLI latency cfg_job s": "1.5",
+        "CLI latency completion s": "1.0",
+    }
+    assert "(quick setting)" in render_figures(result)
+    assert history_row(result) == (
+        "| 2026-12-01 15:00 UTC | EPYC, 2 threads | abc1234 | `sftlab-bench --repeat 2` "
+        "| 400 | - | - | 1.10 |"
+    )

@@ -113,3 +113,21 @@ def test_exact_match_compares_the_final_answer_of_a_reasoning_output():
     assert scores["exact_match"] == 0.5 and scores["chrf"] < 1.0
     with pytest.raises(ConfigError, match=r"eval\.generate\.reasoning='hide'"):
         GenerationEval(reasoning="hide")
+
+
+def test_generation_length_follows_the_longest_reference(tokenizer, chatml):
+    """max_new_tokens=None: the longest reference (reasoning included) + its end-of-turn + the margin."""
+    from sftlab.data.reasoning import REASONING_KEY
+    from sftlab.eval.generate import _answer_text
+
+    ev = GenerationEval(new_tokens_margin=5)
+    refs = [c[-1]["content"] for c in CONVS]  # the longest: "1991-03-11", 10 tokens (one per digit)
+    assert ev.new_tokens_for(refs, tokenizer) == 10 + 1 + 5
+    assert ev.new_tokens_for(["Hello!"], tokenizer) == 2 + 1 + 5
+    assert GenerationEval(max_new_tokens=7).new_tokens_for(refs, tokenizer) == 7
+    reasoned = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", REASONING_KEY: "Two and two."},
+    ]
+    assert _answer_text(reasoned) == "<think>\nTwo and two.\n</think>\n\n4"
+    assert ev.new_tokens_for([_answer_text(reasoned)], tokenizer) > ev.new_tokens_for(["4"], tokenizer)

@@ -137,3 +137,39 @@ def test_chunks_keep_no_logits_for_backward(tiny_cfg, tiny_model_dir):
 
     assert widest_saved(None) == vocab
     assert widest_saved(8) < vocab
+
+
+def _autocast_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n = token_loss_sum(model, batch, chunk_size=4)  # the head's recompute casts too
+    (loss_sum / n).backward()
+    return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cached_bf16_copies_of_frozen_weights_give_identical_loss_and_lora_gradients(
+    tiny_cfg, tiny_model_dir, tokenizer
+):
+    from sftlab.model.forward import CastCachingLinear, cache_frozen_casts, drop_cast_copies
+
+    batch = _batch(tokenizer)
+    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
+    model.train()
+    loss, grads = _autocast_grads(model, batch)  # autocast casting the fp32 weights in every forward
+    assert cache_frozen_casts(model) == 1 + 7 * unwrap(model).config.num_hidden_layers  # head + 7 per layer
+    for _ in range(2):  # the second pass reads the copies made in the first
+        cached_loss, cached = _autocast_grads(model, batch)
+        assert torch.equal(cached_loss, loss)
+        assert cached.keys() == grads.keys() and all(torch.equal(cached[k], grads[k]) for k in grads)
+    layer = unwrap(model).model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, CastCachingLinear) and layer._cast[1].dtype == torch.bfloat16
+    assert not any("_cast" in k for k in model.state_dict())
+    # A changed weight (a merge, an in-place update) is cast again, not served from the stale copy.
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))  # no autocast: fp32 as stored
+    drop_cast_copies(model)
+    assert layer._cast is None

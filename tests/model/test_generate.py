@@ -61,6 +61,9 @@ def test_batched_greedy_equals_one_by_one(lively_model, tokenizer, chatml):
     batched = generate(lively_model, tokenizer, chatml, HISTORIES, max_new_tokens=12, batch_size=8)
     assert batched == one
     assert len({o["text"] for o in one}) == len(HISTORIES)
+    # Batches are formed in prompt-length order; the results still come back in the caller's order.
+    backwards = generate(lively_model, tokenizer, chatml, HISTORIES[::-1], max_new_tokens=12, batch_size=8)
+    assert backwards == one[::-1]
 
 
 def _manual_greedy(model, prefix: list[int], steps: int, stops: list[int]) -> list[int]:

@@ -96,7 +96,7 @@ def targets(result: dict) -> list[dict]:
             _target(
                 "compute efficiency (bf16 peak)",
                 r.get("efficiency_bf16"),
-                0.45,
+                0.50,
                 cpu_value=r.get("efficiency_bf16_per_cpu_s"),
             )
         )
@@ -179,3 +179,75 @@ def render(result: dict) -> str:
         cpu = "" if t.get("cpu_value") is None else f"  (per CPU s: {t['cpu_value']:.3g})"
         lines.append(f"  {t['what']:40} {_fmt(t['value'], '.3g'):>8} {op} {t['threshold']:<8g} {mark:6}{cpu}")
     return "\n".join(lines)
+
+
+def figures(result: dict) -> list[tuple[str, str, str]]:
+    """Every headline figure of one bench run as (figure, value, how it was measured): the training runs, data
+    preparation, data at scale, the data audit, loss memory, the first step and CLI latency, whichever ran."""
+    rows: list[tuple[str, str, str]] = []
+    runs = result.get("runs", {})
+    for name in ("iso/sftlab", "varied/sftlab-packed"):
+        r = runs.get(name)
+        if r:
+            eff = r.get("efficiency_bf16")
+            rows.append(
+                (f"{name} tok/s", _fmt(r["tokens_per_s"]), f"{_fmt(r.get('tokens_per_cpu_s'))} per CPU s")
+            )
+            rows.append(
+                (f"{name} % of bf16 peak", _fmt(None if eff is None else 100 * eff, ".1f"), "model FLOPs")
+            )
+    for t in result.get("targets", []):
+        if t["what"].startswith("sftlab"):
+            rows.append((t["what"], _fmt(t["value"], ".2f"), "tokens/s ratio"))
+    prep = result.get("data_prep")
+    if prep:
+        rows.append(("data prep rows/s", _fmt(prep["rows_per_s"]), f"{prep['rows']} alpaca rows"))
+        rows.append(("cached reload s", _fmt(prep.get("reload_s"), ".2f"), f"{prep['rows']} alpaca rows"))
+    for r in result.get("data_scale") or []:
+        how = f"{r['rows']} rows, fresh process" + (
+            " (quick setting)" if result.get("data_scale_quick") else ""
+        )
+        rows.append((f"data scale {r['rows']} rows/s", _fmt(r["rows_per_s"]), how))
+        rows.append((f"data scale {r['rows']} peak MB", _fmt(r["peak_rss_mb"]), how))
+    audit = result.get("data_audit")
+    if audit:
+        rows.append(("data audit rows/s", _fmt(audit["rows_per_s"]), f"{audit['rows']} alpaca rows"))
+    for r in result.get("loss_memory") or []:
+        chunk = r["chunk_size"] or "none"
+        value = r.get("skipped") or f"{r['peak_growth_mib']:.0f}"
+        rows.append(
+            (f"loss memory MiB, {r['targets']} targets, chunk {chunk}", value, "128k vocab, peak growth")
+        )
+    first = result.get("first_step")
+    if first:
+        rows.append(
+            ("first optimizer step s", _fmt(first.get("seconds"), ".1f"), "python train.py eval=none")
+        )
+    for name, seconds in (result.get("cli_latency_s") or {}).items():
+        rows.append((f"CLI latency {name} s", _fmt(seconds, ".1f"), "sftlab-train, fresh process"))
+    return rows
+
+
+def render_figures(result: dict) -> str:
+    rows = figures(result)
+    width = max((len(f) for f, _, _ in rows), default=10)
+    lines = ["", "every figure of this run:", f"  {'figure':{width}} {'value':>9}  how"]
+    lines += [f"  {f:{width}} {v:>9}  {how}" for f, v, how in rows]
+    return "\n".join(lines)
+
+
+def history_row(result: dict) -> str:
+    """One Markdown row for the History table of docs/performance.md: date, machine, commit, command and the
+    figures a reader compares across runs."""
+    runs = result.get("runs", {})
+    iso = runs.get("iso/sftlab", {})
+    eff = iso.get("efficiency_bf16")
+    ratios = {t["what"]: t["value"] for t in result.get("targets", [])}
+    machine = result["machine"].get("gpu") or result["machine"].get("cpu")
+    return (
+        f"| {result['date']} | {machine}, {result['machine']['cpu_threads']} threads | "
+        f"{result.get('commit') or '-'} | `{result.get('command') or 'sftlab-bench'}` | "
+        f"{_fmt(iso.get('tokens_per_s'))} | {_fmt(None if eff is None else 100 * eff, '.1f')} | "
+        f"{_fmt(ratios.get('sftlab / TRL defaults'), '.2f')} | "
+        f"{_fmt(ratios.get('sftlab / bare loop'), '.2f')} |"
+    )

@@ -26,8 +26,9 @@ import torch
 
 from sftlab import build
 from sftlab.bench import data as gen
+from sftlab.bench import loss_memory
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
-from sftlab.bench.report import render, summarize, targets
+from sftlab.bench.report import history_row, render, render_figures, summarize, targets
 from sftlab.bench.scale import data_scale
 from sftlab.bench.stats import Record, steady
 
@@ -73,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        help="only these runs: names as in the table, data-prep, data-scale, data-audit, first-step, "
-        "cli-latency",
+        help="only these runs: names as in the table, data-prep, data-scale, data-audit, loss-memory, "
+        "first-step, cli-latency",
     )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
@@ -87,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--scale-num-proc", type=int, default=None, help="data.num_proc for data-scale")
     ap.add_argument("--audit-rows", type=int, default=100_000, help="alpaca rows for the data audit's time")
+    ap.add_argument(
+        "--loss-targets",
+        type=int,
+        default=2048,
+        help="target tokens of the loss-memory figure, above its chunk size of 1024 (default 2048)",
+    )
     ap.add_argument(
         "--gpu-7b",
         action="store_true",
@@ -310,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "overrides": args.override,
         "quick": args.quick,
+        "commit": _commit(),
+        "command": " ".join(["sftlab-bench", *(argv if argv is not None else sys.argv[1:])]),
     }
     result["peak"] = peaks(device, args.quick)
     log.info(
@@ -334,18 +343,26 @@ def main(argv: list[str] | None = None) -> dict:
             "run:data_prep", {"overrides": args.override, "workdir": str(workdir), "rows": args.prep_rows}
         )
         _write(args.out, result)
-    if not args.gpu_7b and args.only is not None and wanted(args, "data-scale"):  # minutes: asked for only
+    if not args.gpu_7b and wanted(args, "data-scale"):
+        # Minutes at 100k rows and more: a full run takes the first (smallest) size only, `--only data-scale`
+        # every size asked for.
+        quick = args.only is None and len(args.scale_rows) > 1
         spec = {
             "overrides": args.override,
             "workdir": str(workdir),
-            "sizes": args.scale_rows,
+            "sizes": args.scale_rows[:1] if quick else args.scale_rows,
             "num_proc": args.scale_num_proc,
         }
-        result["data_scale"] = data_scale(spec, call)
+        result["data_scale"], result["data_scale_quick"] = data_scale(spec, call), quick
         _write(args.out, result)
     if not args.gpu_7b and wanted(args, "data-audit"):
         spec = {"overrides": args.override, "workdir": str(workdir), "rows": args.audit_rows}
         result["data_audit"] = call("audit:data_audit", spec)
+        _write(args.out, result)
+    if wanted(args, "loss-memory"):
+        # The smallest size of `python -m sftlab.bench.loss_memory`, chunked and not: the trend with more
+        # targets is that module's own table.
+        result["loss_memory"] = loss_memory.run([args.loss_targets], 1024, device=device.type)
         _write(args.out, result)
     if not args.gpu_7b and wanted(args, "first-step"):
         result["first_step"] = first_step(args.override, workdir)
@@ -361,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"CLI latency: --help {lat['help']:.1f} s, --cfg job {lat['cfg_job']:.1f} s, "
             f"completion {lat['completion']:.1f} s (target <= 3 s)"
         )
+    print(render_figures(result))
+    print("\nrow for the History table of docs/performance.md:\n" + history_row(result))
     print(f"\nwritten {args.out} ({result['total_s']:.0f} s)")
     return result
 
@@ -381,6 +400,29 @@ def cli_latency() -> dict[str, float]:
         subprocess.run(cmd, env=env, capture_output=True, check=True, timeout=300)
         seconds[name] = round(time.perf_counter() - t0, 2)
     return seconds
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with `+` when it has uncommitted changes), for the dated history."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None  # an installed package, not a checkout
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def pooled(rounds: dict[str, list[Record]], warmup: int) -> list[Record]:

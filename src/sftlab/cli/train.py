@@ -69,6 +69,10 @@ def train(cfg: DictConfig, source: str) -> float:
     from sftlab.training import checkpoint, loggers
 
     started, run_dir = time.time(), Path(cfg.paths.output_dir)
+    if cfg.get("compile"):
+        # Inductor's FX-graph and AOT-autograd caches are on by default but live in the temp dir, which a
+        # reboot or a tmp cleaner empties; in sftlab's cache a later run on this machine reuses the kernels.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.paths.cache_dir) / "inductor"))
     pl.seed_everything(cfg.seed, workers=True)
     parts = build.parts(cfg, source)
     if cfg.data.get("audit") and is_rank_zero():  # rank 0 runs first: failing here, no other rank starts

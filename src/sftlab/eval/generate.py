@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import split_prompt
-from sftlab.data.reasoning import split_reasoning
+from sftlab.data.reasoning import REASONING_KEY, split_reasoning
 from sftlab.data.templates import ChatTemplate
 from sftlab.eval import metrics
 from sftlab.eval.base import GENERATE, EvalContext
@@ -45,6 +45,18 @@ def make_record(index: int, history: list[dict], reference: str, out: dict, reas
     }
 
 
+def _answer_text(conversation: Sequence[dict]) -> str:
+    """What a model is expected to generate for the last assistant turn: its reasoning (kept out of `content`
+    by the readers) and its content."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    message = conversation[last]
+    return (
+        f"<think>\n{message[REASONING_KEY]}\n</think>\n\n{message['content']}"
+        if message.get(REASONING_KEY)
+        else message["content"]
+    )
+
+
 @dataclass
 class GenerationEval:
     """`eval=generate`: greedy generations on a split, scored against the references.
@@ -52,13 +64,20 @@ class GenerationEval:
     Metrics: exact match of the final answer (after whitespace/case normalization; a `<think>` block is not
     part of the answer), ROUGE-L F1, BLEU and chrF (torchmetrics; the
     ROUGE variant needs no nltk), the no-stop rate (hit `max_new_tokens`) and mean generated tokens.
-    Its settings (split, max_examples, max_new_tokens, batch_size) also drive the generations that `judge`
-    and `error_analysis` read, so every evaluator looks at the same outputs.
+    Its settings (split, max_examples, max_new_tokens, new_tokens_margin, batch_size) also drive the
+    generations that `judge` and `error_analysis` read, so every evaluator looks at the same outputs.
     """
 
     split: str = "test"
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    # None: the longest reference in tokens (with its reasoning, when the data has some), plus its end-of-turn
+    # token, plus `new_tokens_margin`. A model still talking that far past every reference is not an exact
+    # match, and every token decoded after that is time spent on an answer already wrong (a base model that
+    # never stops decodes to the limit). A model that reasons where the data has no reasoning needs a number.
+    max_new_tokens: int | None = None
+    new_tokens_margin: int = 8
+    # Rows decoded together. Each decoding step reads every weight once whatever the rows, so on a CPU a
+    # large batch is nearly free per row (the 100 test questions of the default run in two batches).
+    batch_size: int = 64
     max_examples: int | None = None
     compare_base: bool = True
     stage: ClassVar[int] = GENERATE
@@ -93,13 +112,20 @@ class GenerationEval:
             tokenizer,
             template,
             histories,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.new_tokens_for([_answer_text(c) for c in convs], tokenizer),
             batch_size=self.batch_size,
         )
         return [
             make_record(i, h, r, o, self.reasoning)
             for i, (h, r, o) in enumerate(zip(histories, references, outs, strict=True))
         ]
+
+    def new_tokens_for(self, answers: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> int:
+        """`max_new_tokens`, or the longest answer's tokens + 1 (its end-of-turn) + the margin."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"] if answers else []
+        return max(map(len, ids), default=0) + 1 + self.new_tokens_margin
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         records = ctx.records()

@@ -9,6 +9,9 @@ Logits are computed only at target positions: the decoder's hidden states are ga
 
 Checkpoints hold only trainable weights (plus optimizer, loop and RNG state): adapter-sized for LoRA.
 
+Frozen linear layers multiply with a bf16 copy of their weight made once (forward.CastCachingLinear) rather
+than autocast re-casting the fp32 weight in every forward: same numbers, a fifth less work per CPU step.
+
 The training random stream (dropout; torch, CUDA, Python and NumPy RNGs, one set per rank) continues from
 where the previous training batch left it: its state is taken at the end of every training step and put back
 at the start of the next one. Whatever runs in between (validation creating its loader iterator, callbacks)
@@ -36,7 +39,14 @@ import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from sftlab.errors import SFTLabError
-from sftlab.model.forward import DEFAULT_LOSS_CHUNK, enable_gradient_checkpointing, token_loss_sum, unwrap
+from sftlab.model.forward import (
+    DEFAULT_LOSS_CHUNK,
+    cache_frozen_casts,
+    drop_cast_copies,
+    enable_gradient_checkpointing,
+    token_loss_sum,
+    unwrap,
+)
 from sftlab.training.checkpoint import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -89,6 +99,8 @@ class SFTModule(pl.LightningModule):
         # rather than each paying minutes of compiling. A function, not a module: not in the state dict.
         decoder = unwrap(model).get_decoder()
         self._train_decoder = torch.compile(decoder.forward, dynamic=True) if compile else None
+        if not compile:  # a compiled step fuses the casts itself
+            cache_frozen_casts(model)
         self.loss_chunk_size = loss_chunk_size
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
@@ -158,6 +170,9 @@ class SFTModule(pl.LightningModule):
             f"and checkpoints are intact: {where}. Lower optimizer.lr, use trainer.precision=32 or "
             "bf16-mixed instead of 16-mixed, or look for a broken example in the data."
         )
+
+    def on_fit_end(self) -> None:
+        drop_cast_copies(self.model)  # evaluation after training runs without autocast: free the copies
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
