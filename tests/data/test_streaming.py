@@ -263,9 +263,9 @@ def _problems(overrides):
 
 
 def test_streaming_without_max_steps_is_refused_naming_the_files():
-    """Also: data.val_size beside data.val_path (the default data has one). A valid data.val_size command is
-    in docs/streaming.md, which tests/test_docs.py validates."""
-    message = _problems(["data.streaming=true", "data.val_size=100"])
+    """Also: a fractional validation interval, and data.val_size beside data.val_path (the default data has
+    one). A valid data.val_size command is in docs/streaming.md, which tests/test_docs.py validates."""
+    message = _problems(["data.streaming=true", "data.val_size=100", "trainer.val_check_interval=0.5"])
     assert "(3 problem(s))" in message
     assert (
         f"trainer.max_steps ({ROOT}/conf/trainer/default.yaml or the command line; data.streaming=true in "

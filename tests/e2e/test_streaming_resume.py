@@ -10,14 +10,12 @@ batch 4: 6 steps per pass, 12 steps in all.
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import small_iso_data
-from tests.training.test_resume import _finish, _records, _start
+from tests.training.test_resume import _records, kill_chain
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +25,7 @@ STREAM = ("data.streaming=true", "data.shuffle_buffer=8", "trainer.max_steps=12"
 def test_streaming_sigkill_and_resume_trains_the_uninterrupted_stream(tmp_path):
     data = [*small_iso_data(tmp_path), *STREAM]
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    reference = _start(ref_dir, data)
-    resumed_from = []
-    every_3_steps = ("callbacks.last_checkpoint.every_n_train_steps=3",)
-    for kill_at, extra in ((5, every_3_steps), (7, ()), (None, ())):
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        resumed_from.append(torch.load(ckpt, weights_only=True)["global_step"] if ckpt.exists() else 0)
-        code, out = _finish(_start(run_dir, data, kill_at, extra))
-        assert code == (-signal.SIGKILL if kill_at else 0), out[-3000:]
-    code, out = _finish(reference)
-    assert code == 0, out[-3000:]
-
+    resumed_from = kill_chain(ref_dir, run_dir, data)
     assert resumed_from == [0, 3, 6]
     ref = _records(ref_dir)
     assert [r["step"] for r in ref] == list(range(12)) and [r["epoch"] for r in ref] == [0] * 6 + [1] * 6

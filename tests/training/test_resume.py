@@ -113,10 +113,11 @@ def _csv_rows(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if not k.endswith(skip)} for row in csv.DictReader(f)]
 
 
-def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
-    data = small_iso_data(tmp_path)
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    reference = _start(ref_dir, data)  # runs beside the interrupted chain (two CPU cores)
+def kill_chain(ref_dir: Path, run_dir: Path, data: list[str]) -> list[int]:
+    """An uninterrupted run in `ref_dir`, beside (two CPU cores) a chain in `run_dir` killed after 5 steps
+    with last.ckpt every 3 steps, then after 7 steps, then resumed to the end; returns the steps each part
+    of the chain started from."""
+    reference = _start(ref_dir, data)
     resumed_from = []
     every_3_steps = ("callbacks.last_checkpoint.every_n_train_steps=3",)
     for kill_at, extra in ((5, every_3_steps), (7, ()), (None, ())):
@@ -126,7 +127,13 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
         assert code == (-signal.SIGKILL if kill_at else 0), out[-3000:]
     code, out = _finish(reference)
     assert code == 0, out[-3000:]
+    return resumed_from
 
+
+def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
+    data = small_iso_data(tmp_path)
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    resumed_from = kill_chain(ref_dir, run_dir, data)
     assert resumed_from == [0, 3, 6]
     ref = _records(ref_dir)
     assert len(ref) == 12 and [r["step"] for r in ref] == list(range(12))
