@@ -233,28 +233,7 @@ def iter_with_datasets(
 ) -> Iterator[Row]:
     """`read_with_datasets` a batch of rows at a time: the dataset stays memory-mapped Arrow, and only
     `batch_size` of its rows are Python objects at once."""
-    import datasets
-
-    try:
-        if file is not None and source.load:
-            raise ConfigError(
-                f"{key}: {sorted(source.load)} are datasets.load_dataset arguments for a hub id or a "
-                f"builder (json, csv, parquet ...); {source.path!r} is a local file. Drop them, or use "
-                "path: parquet with data_files."
-            )
-        if file is not None:
-            ds = datasets.load_dataset("parquet", data_files=str(file), split="train")
-        else:
-            split = source.split or split
-            ds = datasets.load_dataset(source.path, split=split, revision=source.revision, **source.load)
-    except ConfigError:
-        raise
-    except Exception as err:  # datasets raises many types; the message says what to do
-        raise DataError(
-            f"{key}={source.path!r}: cannot load it with datasets ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). For a hub id, check the name and split and "
-            "that the hub is reachable (or cached); otherwise point the key at a local file."
-        ) from None
+    ds = load_with_datasets(source, file, split, key)
     name = str(file) if file is not None else f"{source.path}[{source.split or split}]"
     i = 0
     for batch in ds.iter(batch_size=batch_size):
@@ -262,6 +241,38 @@ def iter_with_datasets(
         for values in zip(*(batch[n] for n in names), strict=True):
             yield f"{name} row {i}", dict(zip(names, values, strict=True))
             i += 1
+
+
+def load_with_datasets(
+    source: Source, file: Path | None, split: str, key: str, streaming: bool = False
+) -> Any:
+    """A local Parquet file or a hub dataset as `datasets` loads it (an `IterableDataset` with `streaming`);
+    `split` is the one asked for when the source names none. Argument and load errors say what to do."""
+    import datasets
+
+    if file is not None and source.load:
+        raise ConfigError(
+            f"{key}: {sorted(source.load)} are datasets.load_dataset arguments for a hub id or a "
+            f"builder (json, csv, parquet ...); {source.path!r} is a local file. Drop them, or use "
+            "path: parquet with data_files."
+        )
+    try:
+        if file is not None:
+            return datasets.load_dataset("parquet", data_files=str(file), split="train", streaming=streaming)
+        return datasets.load_dataset(
+            source.path,
+            split=source.split or split,
+            revision=source.revision,
+            streaming=streaming,
+            **source.load,
+        )
+    except Exception as err:  # datasets raises many types; the message says what to do
+        verb = "stream" if streaming else "load"
+        raise DataError(
+            f"{key}={source.path!r}: cannot {verb} it with datasets ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). For a hub id, check the name and split and "
+            "that the hub is reachable (or cached); otherwise point the key at a local file."
+        ) from None
 
 
 def read_source(source: Source, key: str, split: str) -> list[Row]:

@@ -62,6 +62,7 @@ from sftlab.data.sources import (
     Source,
     _local_file,
     iter_csv_rows,
+    load_with_datasets,
     parse_jsonl_line,
 )
 from sftlab.data.tokenize import Encoded, Template, encode_conversations
@@ -132,31 +133,7 @@ class SourceStream:
         return self.source.split or HUB_SPLITS[self.split]
 
     def _load(self) -> Any:
-        import datasets
-
-        if self.file is not None and self.source.load:
-            raise ConfigError(
-                f"{self.key}: {sorted(self.source.load)} are datasets.load_dataset arguments for a hub id "
-                f"or a builder; {self.source.path!r} is a local file. Drop them."
-            )
-        try:
-            if self.file is not None:
-                return datasets.load_dataset(
-                    "parquet", data_files=str(self.file), split="train", streaming=True
-                )
-            return datasets.load_dataset(
-                self.source.path,
-                split=self._split(),
-                revision=self.source.revision,
-                streaming=True,
-                **self.source.load,
-            )
-        except Exception as err:  # datasets raises many types; the message says what to do
-            raise DataError(
-                f"{self.key}={self.source.path!r}: cannot stream it with datasets ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}). For a hub id, check the name and split "
-                "and that the hub is reachable; otherwise point the key at a local file."
-            ) from None
+        return load_with_datasets(self.source, self.file, HUB_SPLITS[self.split], self.key, streaming=True)
 
 
 def _is_json_array(file: Path) -> bool:
