@@ -11,11 +11,9 @@ batch 4: 6 steps per pass, 12 steps in all.
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests.conftest import small_iso_data
-from tests.training.test_resume import _records, kill_chain
+from tests.training.test_resume import _records, assert_chain_trains_the_reference, kill_chain
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +31,4 @@ def test_streaming_sigkill_and_resume_trains_the_uninterrupted_stream(tmp_path):
     ids = [r["index"] for r in ref]
     first, second = sorted(i for b in ids[:6] for i in b), sorted(i for b in ids[6:] for i in b)
     assert first == second == list(range(24)) and ids[0] != [0, 1, 2, 3] and ids[:6] != ids[6:]
-    segments: dict[int, list[dict]] = {}
-    for r in _records(run_dir):
-        segments.setdefault(r["pid"], []).append(r)
-    assert [seg[0]["step"] for seg in segments.values()] == resumed_from
-    for seg, start in zip(segments.values(), resumed_from, strict=True):
-        strip = [{k: v for k, v in r.items() if k != "pid"} for r in seg]
-        expected = [{k: v for k, v in r.items() if k != "pid"} for r in ref[start : start + len(seg)]]
-        assert strip == expected
-    assert segments[list(segments)[-1]][-1]["step"] == 11
-
-    ref_adapter = load_file(ref_dir / "adapter" / "adapter_model.safetensors")
-    got_adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    assert ref_adapter.keys() == got_adapter.keys()
-    for name, tensor in ref_adapter.items():
-        assert torch.equal(tensor, got_adapter[name]), name
+    assert_chain_trains_the_reference(ref_dir, run_dir, resumed_from)

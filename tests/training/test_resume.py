@@ -130,21 +130,17 @@ def kill_chain(ref_dir: Path, run_dir: Path, data: list[str]) -> list[int]:
     return resumed_from
 
 
-def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
-    data = small_iso_data(tmp_path)
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    resumed_from = kill_chain(ref_dir, run_dir, data)
-    assert resumed_from == [0, 3, 6]
+def assert_chain_trains_the_reference(ref_dir: Path, run_dir: Path, resumed_from: list[int]) -> None:
+    """Each process of the chain trained the reference's micro-batches from its checkpoint on (no repeat, no
+    skip, the same loss and learning rate, bit for bit), the last one to step 11, and the saved adapters are
+    equal."""
     ref = _records(ref_dir)
-    assert len(ref) == 12 and [r["step"] for r in ref] == list(range(12))
     segments: dict[int, list[dict]] = {}
     for r in _records(run_dir):
         segments.setdefault(r["pid"], []).append(r)
     starts = [seg[0]["step"] for seg in segments.values()]
     assert starts == resumed_from
     for seg, start in zip(segments.values(), starts, strict=True):
-        # Each process trained the reference's micro-batches from its checkpoint on: no repeat, no skip,
-        # and the same loss and learning rate, bit for bit.
         strip = [{k: v for k, v in r.items() if k != "pid"} for r in seg]
         expected = [{k: v for k, v in r.items() if k != "pid"} for r in ref[start : start + len(seg)]]
         assert strip == expected
@@ -155,6 +151,16 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
     assert ref_adapter.keys() == got_adapter.keys()
     for name, tensor in ref_adapter.items():
         assert torch.equal(tensor, got_adapter[name]), name
+
+
+def test_sigkill_mid_epoch_and_at_epoch_boundary_resume_exactly(tmp_path):
+    data = small_iso_data(tmp_path)
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    resumed_from = kill_chain(ref_dir, run_dir, data)
+    assert resumed_from == [0, 3, 6]
+    ref = _records(ref_dir)
+    assert len(ref) == 12 and [r["step"] for r in ref] == list(range(12))
+    assert_chain_trains_the_reference(ref_dir, run_dir, resumed_from)
     ref_last = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)
     got_last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ref_last["global_step"] == got_last["global_step"] == 12
