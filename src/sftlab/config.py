@@ -567,7 +567,7 @@ def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
 # mask from the restarting position ids (transformers' masking_utils); flash-attention runs varlen kernels on
 # the packed rows flattened into one (sftlab.model.forward). Anything else (paged, hub kernels) would let
 # one example attend to another.
-PACKING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKING_ATTENTION = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 def _strategy(cfg: DictConfig) -> str:
@@ -602,7 +602,7 @@ def device_problems(cfg: DictConfig, origin: Origin, cuda_available: bool | None
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
     strategy, label = _strategy(cfg), _strategy_label(cfg)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="auto"))
-    attention = str(OmegaConf.select(cfg, "model.attn_implementation", default=None) or "sdpa")
+    attention = str(OmegaConf.select(cfg, "model.attn_implementation", default=None) or "auto")
     adapter = str(OmegaConf.select(cfg, "adapter._target_", default="")).rsplit(".", 1)[-1]
     no_cuda = accelerator == "cpu" or (cuda_available is False and accelerator in ("auto", "gpu", "cuda"))
     why = (

@@ -29,7 +29,7 @@ def encoded(tokenizer, chatml):
     return encode_conversations(CONVERSATIONS, chatml, tokenizer)
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["auto", "sdpa", "eager"])
 def model(request):
     from sftlab.model.load import load_model, model_source
 

@@ -33,6 +33,7 @@ from transformers import (
 
 from sftlab import paths
 from sftlab.errors import ConfigError, SFTLabError
+from sftlab.model import attention
 from sftlab.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def load_model(cfg: Any, source: str | None = None, quantization_config: Any = N
     source = source or model_source(cfg)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.dtype],
-        "attn_implementation": cfg.get("attn_implementation") or "sdpa",
+        "attn_implementation": attention.implementation(cfg.get("attn_implementation")),
         # Pickle checkpoints can run code on load; only safetensors unless the config opts in.
         "use_safetensors": None if cfg.get("allow_pickle") else True,
         **_hub_kwargs(cfg),
