@@ -93,6 +93,20 @@ def tiny_model(tiny_cfg, tiny_model_dir):
     return load_model(tiny_cfg.model, tiny_model_dir)
 
 
+@pytest.fixture
+def lively_model(tiny_model):
+    """The tiny model with larger seeded random weights: its greedy outputs differ from prompt to prompt (the
+    stock init answers every prompt with newlines, which would make batched == one-by-one trivially true)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tiny_model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return tiny_model
+
+
 @pytest.fixture(scope="session")
 def chatml(tiny_cfg):
     from hydra.utils import instantiate

@@ -52,6 +52,7 @@ INVALID = [
     (["data.reasoning=keep"], "data.reasoning='keep'", "keep_last, keep_all, drop"),
     (["eval=generate", "eval.generate.reasoning=hide"], "eval.generate.reasoning='hide'", "strip, show"),
     (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key", "pytorch_lightning.Trainer accepts"),
+    (["eval_precision=fp16"], "eval_precision='fp16'", "auto, 32, bf16-mixed, 16-mixed"),
 ]
 
 
@@ -65,7 +66,13 @@ def test_invalid_override_is_rejected_naming_key_value_and_rule(overrides, key, 
 
 
 def test_every_shipped_option_is_valid():
-    for overrides in ([], ["adapter=qlora"], ["adapter=none", "optimizer=sgd"], ["experiment=smoke"]):
+    for overrides in (
+        [],
+        ["adapter=qlora"],
+        ["adapter=none", "optimizer=sgd"],
+        ["experiment=smoke"],
+        ["eval_precision=32"],  # an int to Hydra
+    ):
         check(overrides)
 
 

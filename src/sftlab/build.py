@@ -87,6 +87,18 @@ def resolve_precision(precision: str | int) -> str | int:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def eval_autocast(choice: str | int | None, training: str | int) -> torch.dtype | None:
+    """The dtype evaluation runs under autocast (None: none, the weights' own). `eval_precision=auto` is the
+    training precision `training` (as resolved on this machine): generation and benchmarks then compute in
+    the arithmetic the model was trained and validated in (Lightning's validation already runs under the
+    trainer's autocast), bf16 on a CPU that has it; `32` evaluates in fp32."""
+    choice = str(choice or "auto")
+    return AUTOCAST.get(str(resolve_precision(training) if choice == "auto" else choice))
+
+
 def preflight(cfg: DictConfig, run_dir: Path, origin: Origin | None = None) -> str:
     """What can fail in seconds fails here, before a model or dataset loads. Returns the model source.
     `origin`: where `cfg` was composed from (default: the running Hydra app's record, see `validate`)."""
@@ -259,10 +271,15 @@ def tuned_model(
 
 
 def suite(
-    cfg_eval: DictConfig | None, p_or_run: Parts | LoadedRun, splits: dict[str, Any], out_dir: Path
+    cfg: DictConfig, p_or_run: Parts | LoadedRun, splits: dict[str, Any], out_dir: Path
 ) -> EvalSuite | None:
-    """The chosen `eval` options, ready to run on a model."""
-    return build_suite(cfg_eval, p_or_run.tokenizer, p_or_run.template, splits, out_dir)
+    """The chosen `eval` options of a train.py or sftlab-eval config, ready to run on a model; under
+    autocast as `eval_precision` says (for sftlab-eval `p_or_run` is the run, whose training precision
+    `auto` follows)."""
+    run_cfg = p_or_run.cfg if isinstance(p_or_run, LoadedRun) else cfg
+    precision = OmegaConf.select(run_cfg, "trainer.precision", default="auto")
+    autocast = eval_autocast(cfg.get("eval_precision"), precision)
+    return build_suite(cfg.get("eval"), p_or_run.tokenizer, p_or_run.template, splits, out_dir, autocast)
 
 
 # ---- a finished run --------------------------------------------------------------------------------------

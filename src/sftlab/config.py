@@ -88,6 +88,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # the data and eval modules check these too, but only once the data is read or the model has trained
     "data.reasoning": ("keep_last", "keep_all", "drop"),
     "eval.generate.reasoning": ("strip", "show"),
+    "eval_precision": ("auto", "32", "bf16-mixed", "16-mixed"),
 }
 
 
@@ -363,7 +364,7 @@ def _check_rules(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
             problems.append(f"{key}={value!r} ({origin.where(key)}): must be {allowed}.")
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
-        if value != "__absent__" and value not in options:
+        if value != "__absent__" and str(value) not in options:  # 32 may come as an int
             problems.append(f"{key}={value!r} ({origin.where(key)}): must be one of {', '.join(options)}.")
 
 

@@ -75,14 +75,17 @@ def test_sftlab_eval_compares_base_and_tuned(adapter_run):
     assert all("errors" in r for r in rows) and (out / "worst_tuned.md").is_file()
     assert list(out.rglob("offline-run-*/run-*.wandb"))
 
-    # the tuned rows are the adapter model's greedy outputs, the base rows those of the model without it
+    # the tuned rows are the adapter model's greedy outputs, the base rows those of the model without it,
+    # in the run's training precision (eval_precision=auto)
     run = load_run(adapter_run)
     test_file = ROOT / "src/sftlab/resources/iso_dates/test.jsonl"
     tests = [json.loads(line) for line in test_file.read_text().splitlines()[:3]]
     histories = [split_prompt(t["messages"])[0] for t in tests]
-    tuned = generate(run.model, run.tokenizer, run.template, histories, max_new_tokens=6)
-    with run.model.disable_adapter():
-        base = generate(run.model, run.tokenizer, run.template, histories, max_new_tokens=6)
+    dtype = build.eval_autocast("auto", run.cfg.trainer.precision)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        tuned = generate(run.model, run.tokenizer, run.template, histories, max_new_tokens=6)
+        with run.model.disable_adapter():
+            base = generate(run.model, run.tokenizer, run.template, histories, max_new_tokens=6)
     assert [r["output"] for r in rows[3:]] == [o["text"] for o in tuned]
     assert [r["output"] for r in rows[:3]] == [o["text"] for o in base]
     assert [o["text"] for o in base] != [o["text"] for o in tuned]

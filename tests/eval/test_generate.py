@@ -131,3 +131,38 @@ def test_generation_length_follows_the_longest_reference(tokenizer, chatml):
     ]
     assert _answer_text(reasoned) == "<think>\nTwo and two.\n</think>\n\n4"
     assert ev.new_tokens_for([_answer_text(reasoned)], tokenizer) > ev.new_tokens_for(["4"], tokenizer)
+
+
+def test_the_suite_evaluates_in_the_training_precision(lively_model, tokenizer, chatml, tmp_path):
+    """eval_precision=auto: generation runs under the trainer's bf16 autocast, token for token what
+    generating under that autocast gives, and not what fp32 gives (the weights are large enough to tell)."""
+    import torch
+
+    splits = {"test": SimpleNamespace(examples=[], rows=CONVS)}
+    ev = GenerationEval(max_new_tokens=8)
+    cfg = build.compose(["model=tiny_random", "trainer.precision=bf16-mixed"])
+    autocast = build.eval_autocast(cfg.eval_precision, cfg.trainer.precision)
+    assert autocast is torch.bfloat16
+    suite = EvalSuite({"generate": ev}, tokenizer, chatml, splits, tmp_path, autocast)
+    suite.run(lively_model, "tuned")
+    got = [r["output"] for r in suite.records["tuned"]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert got == [r["output"] for r in ev.generate_records(lively_model, tokenizer, chatml, CONVS)]
+    assert got != [r["output"] for r in ev.generate_records(lively_model, tokenizer, chatml, CONVS)]
+
+
+@pytest.mark.parametrize(
+    ("choice", "training", "dtype"),
+    [
+        ("auto", "bf16-mixed", "bfloat16"),
+        ("auto", "32-true", None),
+        ("32", "bf16-mixed", None),
+        (32, "bf16-mixed", None),
+        ("16-mixed", "32", "float16"),
+        ("auto", "bf16-true", None),
+    ],
+)
+def test_eval_precision_choices(choice, training, dtype):
+    import torch
+
+    assert build.eval_autocast(choice, training) == (dtype and getattr(torch, dtype))

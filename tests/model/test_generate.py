@@ -42,18 +42,6 @@ HISTORIES = [split_prompt(c)[0] for c in CONVS]
 SAMPLED = Sampling(temperature=1.0, seed=0)
 
 
-@pytest.fixture
-def lively_model(tiny_model):
-    """The tiny model with larger seeded random weights: its greedy outputs differ from prompt to prompt (the
-    stock init answers every prompt with newlines, which would make batched == one-by-one trivially true)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in tiny_model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return tiny_model
-
-
 def test_batched_greedy_equals_one_by_one(lively_model, tokenizer, chatml):
     lengths = {len(encode_prompt(h, chatml, tokenizer)) for h in HISTORIES}
     assert len(lengths) == len(HISTORIES)  # every row but the longest is really left-padded

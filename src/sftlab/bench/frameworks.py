@@ -564,7 +564,7 @@ def judge(spec: dict) -> dict:
     else:
         load_full_weights(model, spec["weights"])
     model.eval()
-    suite = build.suite(cfg.eval, p, dm.splits, out / "eval")
+    suite = build.suite(cfg, p, dm.splits, out / "eval")
     tuned = suite.run(model, "tuned")["tuned"]
     return {"exact_match": tuned["exact_match"], "n": tuned["n"]}
 

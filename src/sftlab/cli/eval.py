@@ -29,7 +29,7 @@ from sftlab import build, paths
 from sftlab.build import LoadedRun, load_run
 from sftlab.cli import console
 from sftlab.errors import SFTLabError
-from sftlab.eval.suite import EvalSuite, build_suite
+from sftlab.eval.suite import EvalSuite
 from sftlab.training import loggers
 
 log = logging.getLogger("sftlab.eval")
@@ -76,7 +76,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     device = build.device_for(cfg.get("eval_device"))
     build.on_eval_device(run.model, device)  # loaded on the CPU; a GPU run is evaluated on the GPU
     splits = load_splits(run, cfg.test_path)
-    suite = build_suite(cfg.get("eval"), run.tokenizer, run.template, splits, out_dir)
+    suite = build.suite(cfg, run, splits, out_dir)
     if suite is None:
         raise SFTLabError("sftlab-eval: eval=none leaves nothing to run; choose e.g. eval=[generate].")
     if cfg.compare_base and suite.compare_base:

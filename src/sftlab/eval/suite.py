@@ -83,9 +83,10 @@ class EvalSuite:
         template: ChatTemplate,
         splits: dict[str, Any],
         out_dir: Path,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.evaluators, self.tokenizer, self.template = evaluators, tokenizer, template
-        self.splits, self.out_dir = splits, Path(out_dir)
+        self.splits, self.out_dir, self.autocast = splits, Path(out_dir), autocast
         gen = [e for e in evaluators.values() if isinstance(e, GenerationEval)]
         self.generation = gen[0] if gen else self._default_generation(evaluators)
         self.results: dict[str, dict[str, Any]] = {}
@@ -122,13 +123,17 @@ class EvalSuite:
             model, self.tokenizer, self.template, self.splits, tag, self.out_dir, self.generation
         )
         flat: dict[str, Any] = {}
-        for name, ev in self.evaluators.items():
-            if tag == "base" and not getattr(ev, "compare_base", True):
-                continue
-            log.info("Evaluating the %s model: %s", tag, name)
-            out = ev.run(ctx)
-            ctx.results[name] = out
-            flat.update(out if isinstance(ev, GenerationEval) else {f"{name}/{k}": v for k, v in out.items()})
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=self.autocast, enabled=self.autocast is not None):
+            for name, ev in self.evaluators.items():
+                if tag == "base" and not getattr(ev, "compare_base", True):
+                    continue
+                log.info("Evaluating the %s model: %s", tag, name)
+                out = ev.run(ctx)
+                ctx.results[name] = out
+                flat.update(
+                    out if isinstance(ev, GenerationEval) else {f"{name}/{k}": v for k, v in out.items()}
+                )
         self.results[tag] = flat
         if ctx._records is not None:
             self.records[tag] = ctx._records
@@ -215,6 +220,7 @@ def build_suite(
     template: ChatTemplate,
     splits: dict[str, Any],
     out_dir: Path,
+    autocast: torch.dtype | None = None,
 ) -> EvalSuite | None:
     evaluators = build_evaluators(cfg_eval)
-    return EvalSuite(evaluators, tokenizer, template, splits, out_dir) if evaluators else None
+    return EvalSuite(evaluators, tokenizer, template, splits, out_dir, autocast) if evaluators else None
