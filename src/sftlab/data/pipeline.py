@@ -110,11 +110,17 @@ def rows_with_markers(conversations: Sequence[Conversation], markers: Sequence[s
     def text(conv: Conversation) -> str:
         return conv if isinstance(conv, str) else "\n".join(str(m.get("content") or "") for m in conv)
 
-    texts = [text(c) for c in conversations]
-    whole = "\n".join(texts)  # most chunks hold no marker at all: one search each over the chunk says so
+    # Most chunks hold no marker at all: one search per marker over the whole chunk says so.
+    pieces: list[str] = []
+    for conv in conversations:
+        if isinstance(conv, str):
+            pieces.append(conv)
+        else:
+            pieces += [str(m.get("content") or "") for m in conv]
+    whole = "\n".join(pieces)
     if not any(m in whole for m in markers):
         return 0
-    return sum(any(m in t for m in markers) for t in texts)
+    return sum(any(m in text(c) for m in markers) for c in conversations)
 
 
 def split_counts(statuses: Counter, skipped: Counter, duplicates: int) -> dict[str, Any]:

@@ -68,11 +68,6 @@ def reasoning_segments(
     ]
 
 
-def _plain(m: dict) -> bool:
-    """A message `ChatTemplate._render_plain` renders: no tool schemas, tool calls or reasoning."""
-    return m["role"] != TOOLS_ROLE and REASONING_KEY not in m and not m.get("tool_calls")
-
-
 @dataclass
 class ChatTemplate:
     """A role-tagged template: `{prefix}{content}{suffix}` per message, strings per role.
@@ -112,9 +107,8 @@ class ChatTemplate:
     content_markers: str = "text"
     # Filled by `bind`: the tokenizer's special-token strings for `{bos_token}` / `{eos_token}` placeholders.
     special: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # Per role, its filled markup (see `_role_parts`), and the markup segments themselves: emptied by `bind`.
-    _parts: dict[str, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _markup: dict[tuple, Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Per role and train_on, its filled markup and markup segments (see `_role_parts`): emptied by `bind`.
+    _parts: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.content_markers not in CONTENT_MARKERS:
@@ -136,7 +130,6 @@ class ChatTemplate:
             bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
         self.special["use_bos"] = bool(bos)
         self._parts.clear()
-        self._markup.clear()
         return self
 
     def uses_bos(self) -> bool:
@@ -177,35 +170,47 @@ class ChatTemplate:
         )
 
     def render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
-        if all(_plain(m) for m in messages):
-            return self._render_plain(messages, train_on)
-        return self._render(messages, train_on)
+        tool_results = self.tool_format is not None  # written by the tool format: not plain
+        for m in messages:
+            role = m["role"]
+            if (
+                role == TOOLS_ROLE
+                or REASONING_KEY in m
+                or m.get("tool_calls")
+                or (tool_results and role == "tool")
+            ):
+                return self._render(messages, train_on)
+        return self._render_plain(messages, train_on)
 
-    def _role_parts(self, role: str) -> tuple[str, str, str, str, bool, str | None]:
-        """(prefix, lead, suffix, kind, whether to rstrip the content, with what) of a role, filled once per
-        binding."""
-        parts = self._parts.get(role)
+    def _role_parts(self, role: str, train_on: str) -> tuple:
+        """What `_render_plain` writes for a role under `train_on`, filled once per binding: (prefix segment
+        or None, lead, kind, rstrip the content?, with what, trained wherever it is, suffix segment when
+        trained, and when not)."""
+        key = (role, train_on)
+        parts = self._parts.get(key)
         if parts is None:
+            tool_format(self.tool_format, self.name)  # an unknown tool_format fails here as in `_render`
             kind = "tool_result" if role == "tool" else "text"
-            lead = self._fill(self.leads.get(role, ""))
-            strip = role in self.rstrip
-            parts = (self._prefix(role), lead, self._suffix(role), kind, strip, self.rstrip.get(role))
-            self._parts[role] = parts
+            every = train_on == "all"
+            prefix, suffix = self._prefix(role), self._suffix(role)
+            parts = (
+                Segment(prefix, every, kind=kind) if prefix else None,
+                self._fill(self.leads.get(role, "")),
+                kind,
+                role in self.rstrip,
+                self.rstrip.get(role),
+                every or (role == "assistant" and train_on == "all_assistant"),
+                Segment(suffix, True, kind=kind) if suffix else None,
+                Segment(suffix, False, kind=kind) if suffix else None,
+            )
+            self._parts[key] = parts
         return parts
-
-    def _markup_segment(self, text: str, train: bool, kind: str = "text") -> Segment:
-        key = (text, train, kind)
-        seg = self._markup.get(key)
-        if seg is None:
-            seg = self._markup[key] = Segment(text, train, kind=kind)
-        return seg
 
     def _render_plain(self, messages: Sequence[dict], train_on: str) -> list[Segment]:
         """`_render` of messages with no tools, tool calls or reasoning (most rows of most data sets), in a
         fraction of its time: the markup of each role is filled once per binding and its segments are
         shared, no message is copied. Data preparation renders every row, so this is a large part of the
         Python work around the tokenizer; tests check that both give the same segments."""
-        tool_format(self.tool_format, self.name)  # an unknown tool_format fails here too
         pairs = [(m["role"], m["content"]) for m in messages]
         if self.default_system is not None and (not pairs or pairs[0][0] != "system"):
             pairs.insert(0, ("system", self.default_system))
@@ -214,32 +219,39 @@ class ChatTemplate:
             j = next((i for i, (role, _) in enumerate(pairs) if role == "user"), None)
             if j is not None and system:  # an empty system adds nothing (as mistral-common)
                 pairs[j] = ("user", f"{system}\n\n{pairs[j][1]}")
-        if any(role == "tool" for role, _ in pairs) and self.tool_format is not None:
-            return self._render(messages, train_on)  # tool results are written by the tool format
-        every = train_on == "all"
-        all_assistant = train_on == "all_assistant"
         last = -1
         if train_on == "last_assistant":
             last = max((i for i, (role, _) in enumerate(pairs) if role == "assistant"), default=-1)
         literal = self.literal_content
-        separator = self._fill(self.separator)
-        after = self._markup_segment(separator, every) if separator else None
+        after = self._separator(train_on == "all")
+        parts = self._parts
         segments: list[Segment] = []
+        append = segments.append
         for i, (role, content) in enumerate(pairs):
-            prefix, lead, suffix, kind, strip, chars = self._role_parts(role)
-            trained = every or (all_assistant and role == "assistant") or i == last
-            if prefix:
-                segments.append(self._markup_segment(prefix, every, kind))
+            prefix, lead, kind, strip, chars, trained, suffix, untrained_suffix = parts.get(
+                (role, train_on)
+            ) or self._role_parts(role, train_on)
+            if i == last:
+                trained = True
+            if prefix is not None:
+                append(prefix)
             if strip:
                 content = content.rstrip(chars)
-            text = lead + content
-            if text:
-                segments.append(Segment(text, trained, literal, kind))
-            if suffix:
-                segments.append(self._markup_segment(suffix, trained, kind))
+            content = lead + content
+            if content:
+                append(Segment(content, trained, literal, kind))
+            if suffix is not None:
+                append(suffix if trained else untrained_suffix)
             if after is not None:
-                segments.append(after)
+                append(after)
         return segments
+
+    def _separator(self, every: bool) -> Segment | None:
+        key = ("", "separator", every)  # beside the (role, train_on) entries of `_role_parts`
+        if key not in self._parts:
+            separator = self._fill(self.separator)
+            self._parts[key] = Segment(separator, every) if separator else None
+        return self._parts[key]
 
     def _render(self, messages: Sequence[dict], train_on: str = "all_assistant") -> list[Segment]:
         """Any conversation: tools, tool calls, reasoning."""
