@@ -17,7 +17,7 @@ def conversation(i: int) -> list[dict]:
 def test_dedupe_by_keys_and_split_by_positions_choose_what_the_list_functions_choose(tmp_path):
     convs = [conversation(i) for i in range(60)]  # 35 distinct, repeats interleaved
     rows = [(f"f:{i}", {"messages": c}) for i, c in enumerate(convs)]
-    _, texts, keys = convert_chunk((None, rows), None, {}, "raise", keys=True)
+    _, texts, keys = convert_chunk((None, 0, rows), None, {}, "raise", keys=True)
     assert [json.loads(t) for t in texts] == convs and len(keys) == 16 * len(convs)
     kept = first_occurrences(keys)
     unique, duplicates = dedupe(convs)
@@ -57,7 +57,7 @@ def test_a_chunk_converted_and_encoded_in_one_task_gives_what_the_two_steps_give
     lines[9] = json.dumps({"messages": [*conversation(9), {"role": "user", "content": "x " * 40}]})
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    chunk = (path, [(n, line.encode() + b"\n") for n, line in enumerate(lines, start=1)])
+    chunk = (path, 1, [line.encode() + b"\n" for line in lines])
     kwargs = {"max_length": 30, "truncation": "drop", "train_on": "all_assistant", "reasoning": "keep_last"}
     skipped, texts, _ = convert_chunk(chunk, None, {}, "skip", keys=False)
     two_steps = pipeline.encode_chunk(texts, chatml, tokenizer, ("<|im_end|>",), **kwargs)
