@@ -77,6 +77,10 @@ def test_arrow_splits_equal_the_in_memory_pipeline_field_by_field(
     # the ecosystem's reader opens the entry as it is
     on_disk = datasets.load_from_disk(str(dm._cache_entry() / "train" / "examples"))
     assert on_disk["input_ids"] == [ex.input_ids for ex in expected["train"].examples]
+    ints = datasets.List(datasets.Value("int32"))
+    columns = {"input_ids": ints, "labels": ints, "status": datasets.Value("string")}
+    columns["num_targets"] = datasets.Value("int32")
+    assert on_disk.features == datasets.Features(columns | ({"position_ids": ints} if packing else {}))
     rows = datasets.load_from_disk(str(dm._cache_entry() / "val" / "rows"))
     assert [json.loads(r) for r in rows["json"]] == expected["val"].rows
 

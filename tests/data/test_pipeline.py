@@ -17,7 +17,7 @@ def conversation(i: int) -> list[dict]:
 def test_dedupe_by_keys_and_split_by_positions_choose_what_the_list_functions_choose(tmp_path):
     convs = [conversation(i) for i in range(60)]  # 35 distinct, repeats interleaved
     rows = [(f"f:{i}", {"messages": c}) for i, c in enumerate(convs)]
-    _, texts, keys = convert_chunk((None, rows), None, {}, "raise", keys=True)
+    _, texts, keys = convert_chunk((None, 0, rows), None, {}, "raise", keys=True)
     assert [json.loads(t) for t in texts] == convs and len(keys) == 16 * len(convs)
     kept = first_occurrences(keys)
     unique, duplicates = dedupe(convs)
@@ -46,3 +46,37 @@ def test_workers_keep_at_most_two_tasks_per_worker_in_flight_and_results_in_orde
     with Workers(2) as workers:  # a single task runs in this process: no pool forked for it
         assert list(workers.map(abs, iter([-3]))) == [3] and workers.pool is None
     assert pipeline._job == {}
+
+
+def test_a_chunk_converted_and_encoded_in_one_task_gives_what_the_two_steps_give(tmp_path, tokenizer, chatml):
+    """Splits without dedupe or a seeded split skip the JSON round trip: same statuses, examples, rows and
+    skips as converting first and encoding the JSON texts after."""
+    lines = [json.dumps({"messages": conversation(i)}) for i in range(12)]
+    lines[3] = "{not json"
+    lines[7] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    lines[9] = json.dumps({"messages": [*conversation(9), {"role": "user", "content": "x " * 40}]})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    chunk = (path, 1, [line.encode() + b"\n" for line in lines])
+    kwargs = {"max_length": 30, "truncation": "drop", "train_on": "all_assistant", "reasoning": "keep_last"}
+    skipped, texts, _ = convert_chunk(chunk, None, {}, "skip", keys=False)
+    two_steps = pipeline.encode_chunk(texts, chatml, tokenizer, ("<|im_end|>",), **kwargs)
+    one_task = pipeline.convert_encode_chunk(chunk, (None, {}, "skip"), chatml, tokenizer, ("x",), **kwargs)
+    assert one_task[0] == skipped == {"bad_json": 1, "no_assistant": 1}
+    assert one_task[1] == two_steps[0] == {"kept": 9, "too_long": 1}
+    assert one_task[2].equals(two_steps[1]) and one_task[3].equals(two_steps[2])
+    assert one_task[3].column("json").to_pylist() == [t for k, t in enumerate(texts) if k != 7]
+    assert (two_steps[3], one_task[4]) == (0, 1)  # no row holds "<|im_end|>"; one holds "x"
+
+
+def test_rows_with_markers_counts_the_rows_whose_content_holds_one():
+    rows = [
+        [{"role": "user", "content": "<|im_end|> twice <|im_end|>"}, {"role": "assistant", "content": "ok"}],
+        [{"role": "user", "content": "end with <|im"}, {"role": "assistant", "content": "_end|> here"}],
+        "a document with <|im_start|> in it",
+        [{"role": "user", "content": "plain"}, {"role": "assistant", "content": None}],
+    ]
+    markers = ("<|im_end|>", "<|im_start|>")
+    assert pipeline.rows_with_markers(rows, markers) == 2  # a marker split across two messages is none
+    assert pipeline.rows_with_markers(rows[1:2] + rows[3:], markers) == 0
+    assert pipeline.rows_with_markers(rows, ()) == 0

@@ -217,3 +217,26 @@ def test_llama3_renders_tools_in_the_first_user_turn_and_ends_a_call_with_eom():
         ("Done", True, "text"),
         ("<|eot_id|>", True, "text"),
     ]
+
+
+PLAIN_CONVERSATIONS = [
+    CONVERSATION,
+    CONVERSATION[1:],  # no system message: templates with a default one add it
+    [{"role": "system", "content": ""}, *CONVERSATION[1:3]],  # an empty system merges as nothing
+    [{"role": "user", "content": "Hi  "}, {"role": "assistant", "content": "Hello there.  "}],  # rstrip
+    [{"role": "assistant", "content": "An answer first."}, {"role": "user", "content": "Then a question"}],
+]
+
+
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant", "all", "none"])
+def test_plain_rendering_gives_the_general_renderings_segments(template, tokenizer, train_on):
+    """Conversations without tools or reasoning take `_render_plain`; it must cut, flag and kind every
+    segment exactly as the general `_render` does, for every template and training policy."""
+    if isinstance(template, TokenizerTemplate):
+        pytest.skip("a Jinja template renders through the tokenizer")
+    template.bind(tokenizer)
+    for conversation in PLAIN_CONVERSATIONS:
+        assert template.render(conversation, train_on) == template._render(conversation, train_on)
+    # the plain path is the one taken (it shares its markup segments between renderings)
+    twice = [template.render(PLAIN_CONVERSATIONS[3], train_on) for _ in range(2)]
+    assert any(a is b for a, b in zip(*twice, strict=True))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -128,44 +129,83 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _features(packed: bool) -> Any:
-    import datasets
+def arrow_schema(packed: bool) -> Any:
+    """The schema of `<split>/examples` (`packed`: with position_ids)."""
+    import pyarrow as pa
 
-    ints = datasets.List(datasets.Value("int32"))
-    columns = {"input_ids": ints, "labels": ints, "status": datasets.Value("string")}
-    columns["num_targets"] = datasets.Value("int32")
+    ints = pa.list_(pa.int32())
+    columns = [("input_ids", ints), ("labels", ints), ("status", pa.string()), ("num_targets", pa.int32())]
     if packed:
-        columns["position_ids"] = ints
-    return datasets.Features(columns)
+        columns.append(("position_ids", ints))
+    return pa.schema(columns)
 
 
-def _row_features() -> Any:
-    import datasets
+def rows_schema() -> Any:
+    """The schema of `<split>/rows`: each kept conversation as JSON text."""
+    import pyarrow as pa
 
-    return datasets.Features({"json": datasets.Value("string")})
+    return pa.schema([("json", pa.string())])
+
+
+def table_of(columns: Mapping[str, Sequence], schema: Any) -> Any:
+    """An Arrow table of Python columns (int32, string or list<int32>, as the cache's schemas hold), made
+    from numpy buffers rather than with `pa.array`, whose first call imports pandas (about 0.4 s of CPU in
+    every process that writes or tokenizes: the workers and the parent alike)."""
+    import numpy as np
+    import pyarrow as pa
+
+    def ints(values: Sequence[int], n: int) -> Any:
+        return pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(np.fromiter(values, np.int32, n))])
+
+    def offsets(lengths: Iterable[int], n: int) -> Any:
+        out = np.zeros(n + 1, np.int64)
+        np.cumsum(np.fromiter(lengths, np.int64, n), out=out[1:])
+        if out[-1] >= 2**31:
+            raise ValueError("an Arrow chunk of the data cache would exceed 2 GB; lower the chunk size")
+        return pa.py_buffer(out.astype(np.int32))
+
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        n = len(values)
+        if field.type == pa.int32():
+            arrays.append(ints(values, n))
+        elif field.type == pa.string():
+            data = [v.encode() for v in values]
+            buffers = [None, offsets(map(len, data), n), pa.py_buffer(b"".join(data))]
+            arrays.append(pa.Array.from_buffers(pa.string(), n, buffers))
+        elif field.type == pa.list_(pa.int32()):
+            total = sum(map(len, values))
+            flat = ints(itertools.chain.from_iterable(values), total)
+            arrays.append(
+                pa.Array.from_buffers(field.type, n, [None, offsets(map(len, values), n)], children=[flat])
+            )
+        else:
+            raise TypeError(f"table_of: no conversion for {field.type}")
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 class ArrowWriter:
-    """One `datasets` Arrow dataset written a batch at a time (`datasets.arrow_writer.ArrowWriter`), so
-    memory holds one batch, never the split; closed with the two small files `datasets.load_from_disk`
-    reads beside the data (what `Dataset.save_to_disk` writes for one shard, without a second copy)."""
+    """One Arrow dataset written a record batch at a time, so memory holds one batch, never the split, in
+    the layout `Dataset.save_to_disk` writes for one shard: the data as an Arrow IPC stream, beside it the
+    two small files `datasets.load_from_disk` reads. Written with pyarrow alone: importing `datasets` (and
+    the pandas it imports) costs more CPU than tokenizing thousands of rows. The features are left out of
+    `dataset_info.json`, so `datasets` infers them from the Arrow schema (List(Value("int32")),
+    Value("string"), ...), as each version of it spells them."""
 
     SHARD = "data-00000-of-00001.arrow"
 
-    def __init__(self, directory: Path, features: Any, batch_size: int = 1000) -> None:
-        from datasets.arrow_writer import ArrowWriter as Writer
+    def __init__(self, directory: Path, schema: Any, batch_size: int = 1000) -> None:
+        import pyarrow as pa
 
         directory.mkdir(parents=True, exist_ok=True)
-        self.directory, self.features = directory, features
+        self.directory, self.schema, self.batch_size = directory, schema, batch_size
         self.columns: dict[str, list] = {}
-        self.batch_size = batch_size
-        self.writer = Writer(
-            features=features, path=str(directory / self.SHARD), writer_batch_size=batch_size
-        )
+        self.sink = pa.OSFile(str(directory / self.SHARD), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, schema)
 
     def add(self, row: dict) -> None:
-        """Buffer a row; every `batch_size` rows go to the file as one Arrow record batch (column lists to
-        Arrow in one call each: several times faster than the writer's row-by-row `write`)."""
+        """Buffer a row; every `batch_size` rows go to the file as one Arrow record batch."""
         for name, value in row.items():
             self.columns.setdefault(name, []).append(value)
         if len(next(iter(self.columns.values()))) >= self.batch_size:
@@ -173,19 +213,19 @@ class ArrowWriter:
 
     def write_table(self, table: Any) -> None:
         self._flush()
+        if not table.schema.equals(self.schema):
+            table = table.cast(self.schema)
         self.writer.write_table(table)
 
     def _flush(self) -> None:
         if self.columns:
-            self.writer.write_batch(self.columns)
+            self.writer.write_table(table_of(self.columns, self.schema))
             self.columns = {}
 
     def close(self) -> None:
-        import datasets
-
         self._flush()
-        self.writer.finalize()
         self.writer.close()
+        self.sink.close()
         state = {
             "_data_files": [{"filename": self.SHARD}],
             "_fingerprint": hashlib.sha256(str(self.directory).encode()).hexdigest()[:16],
@@ -196,8 +236,7 @@ class ArrowWriter:
             "_split": None,
         }
         (self.directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        info = dataclasses.asdict(datasets.DatasetInfo(features=self.features))
-        (self.directory / "dataset_info.json").write_text(json.dumps(info, indent=2))
+        (self.directory / "dataset_info.json").write_text(json.dumps({"features": None}, indent=2))
 
 
 def targets(labels: Sequence[int]) -> int:
@@ -208,18 +247,13 @@ def targets(labels: Sequence[int]) -> int:
 def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[str]) -> tuple[Any, Any]:
     """(examples, rows) Arrow tables of kept examples and their conversations (as JSON text), in the
     cache's schema."""
-    import pyarrow as pa
-
     columns = {
         "input_ids": [ex.input_ids for ex in examples],
         "labels": [ex.labels for ex in examples],
         "status": [ex.status for ex in examples],
         "num_targets": [targets(ex.labels) for ex in examples],
     }
-    return (
-        pa.Table.from_pydict(columns, schema=_features(False).arrow_schema),
-        pa.Table.from_pydict({"json": list(rows_json)}, schema=_row_features().arrow_schema),
-    )
+    return table_of(columns, arrow_schema(False)), table_of({"json": rows_json}, rows_schema())
 
 
 def write_split(
@@ -229,15 +263,15 @@ def write_split(
     `directory/examples` and `directory/rows`. With `pack_length`, the examples are packed into rows of
     that many tokens (best-fit decreasing over the lengths alone, then the rows are assembled from the
     memory-mapped unpacked examples) and the number of packed rows is returned."""
-    import pyarrow.compute as pc
-
     first = directory / ("unpacked" if pack_length else "examples")
-    examples, rows = ArrowWriter(first, _features(False)), ArrowWriter(directory / "rows", _row_features())
+    examples, rows = ArrowWriter(first, arrow_schema(False)), ArrowWriter(directory / "rows", rows_schema())
     lengths: list[int] = []
     for example_table, row_table in chunks:
         examples.write_table(example_table)
         rows.write_table(row_table)
         if pack_length:
+            import pyarrow.compute as pc
+
             lengths += pc.list_value_length(example_table.column("input_ids")).to_pylist()
     examples.close()
     rows.close()
@@ -245,7 +279,7 @@ def write_split(
         return None
     plan = pack_plan(lengths, pack_length)
     unpacked = ArrowExamples(_open(first))
-    packed = ArrowWriter(directory / "examples", _features(True))
+    packed = ArrowWriter(directory / "examples", arrow_schema(True))
     for row in plan:
         parts = [unpacked[i] for i in row]
         ids = [t for p in parts for t in p.input_ids]

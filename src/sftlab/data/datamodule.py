@@ -200,10 +200,12 @@ class SFTDataModule(pl.LightningDataModule):
         """Read and convert the rows, dedupe and split them, then encode each split chunk by chunk straight
         into its Arrow files under `build`; returns the counts per split.
 
-        Memory holds chunks, never a split: the workers convert raw chunks into conversations (JSON text),
-        which wait in one Arrow file per split under `build`; dedupe compares 16-byte keys and the seeded
-        validation split draws positions; then the workers read their chunk of conversations from that
-        file by index, encode it and hand back Arrow tables the parent appends in chunk order."""
+        Memory holds chunks, never a split. A split that is neither deduplicated nor split in two is
+        converted and encoded in one worker task per chunk of raw rows. Otherwise the workers convert raw
+        chunks into conversations (JSON text), which wait in one Arrow file per split under `build`; dedupe
+        compares 16-byte keys and the seeded validation split draws positions; then the workers read their
+        chunk of conversations from that file by index and encode it. Either way the workers hand back
+        Arrow tables the parent appends in chunk order."""
         job = {
             "convert": (self.format, self.fields, self.on_error, self.dedupe),
             "template": self.template,
@@ -211,15 +213,33 @@ class SFTDataModule(pl.LightningDataModule):
             "markers": special_strings(self.tokenizer),
             "kwargs": self.encode_kwargs,
         }
+        split_train = self.val_fraction > 0 and bool(self.sources.get("train")) and not self.sources["val"]
+        pack_length = self.encode_kwargs["max_length"] if self.packing else None
+        counts: dict[str, dict[str, Any]] = {}
+
+        def write(split: str, results: Iterable[tuple], skipped: Counter, duplicates: int) -> None:
+            statuses, with_markers = Counter(), [0]
+            tables = self._tables(results, statuses, with_markers, skipped)
+            packed_rows = cache.write_split(build / split, tables, pack_length)
+            counts[split] = split_counts(statuses, skipped, duplicates)
+            counts[split]["chat_markers"] = with_markers[0]
+            if packed_rows is not None:
+                counts[split]["packed_rows"] = packed_rows
+
         with Workers(self.num_proc, **job) as workers:
             converted, skipped, keys, sizes = {}, {}, {}, {}
             for split, sources in self.sources.items():
-                if sources:
-                    converted[split] = build / f".converted-{split}.arrow"
-                    skipped[split], keys[split] = Counter(), bytearray()
-                    results = workers.convert(self._raw_chunks(split, sources))
-                    collected = self._collect(results, skipped[split], keys[split])
-                    sizes[split] = write_converted(converted[split], collected)
+                if not sources:
+                    continue
+                skipped[split] = Counter()
+                if not self.dedupe and not (split == "train" and split_train):
+                    write(split, workers.convert_encode(self._raw_chunks(split, sources)), skipped[split], 0)
+                    continue
+                converted[split] = build / f".converted-{split}.arrow"
+                keys[split] = bytearray()
+                results = workers.convert(self._raw_chunks(split, sources))
+                collected = self._collect(results, skipped[split], keys[split])
+                sizes[split] = write_converted(converted[split], collected)
             plan: dict[str, tuple[Path, Any]] = {}
             duplicates = dict.fromkeys(converted, 0)
             for split, path in converted.items():
@@ -227,28 +247,18 @@ class SFTDataModule(pl.LightningDataModule):
                 rows = first_occurrences(bytes(keys.pop(split))) if self.dedupe else np.arange(n)
                 duplicates[split] = n - len(rows)
                 plan[split] = (path, rows)
-            if "val" not in plan and self.val_fraction > 0:
+            if split_train:
                 path, rows = plan["train"]
                 train, val = split_indices(len(rows), self.val_fraction, self.seed)
                 plan["train"], plan["val"] = (path, rows[train]), (path, rows[val])
                 skipped["val"], duplicates["val"] = Counter(), 0
-            counts = {}
             for split, (path, rows) in plan.items():
-                statuses, with_markers = Counter(), [0]
                 step = pipeline.CHUNK
                 tasks = ((str(path), rows[i : i + step]) for i in range(0, len(rows), step))
-                results = workers.encode(tasks)
-                pack_length = self.encode_kwargs["max_length"] if self.packing else None
-                packed_rows = cache.write_split(
-                    build / split, self._tables(results, statuses, with_markers), pack_length
-                )
-                counts[split] = split_counts(statuses, skipped[split], duplicates[split])
-                counts[split]["chat_markers"] = with_markers[0]
-                if packed_rows is not None:
-                    counts[split]["packed_rows"] = packed_rows
+                write(split, workers.encode(tasks), skipped[split], duplicates[split])
         for path in converted.values():
             remove_converted(path)
-        return counts
+        return {split: counts[split] for split in ("train", "val", "test") if split in counts}
 
     def _raw_chunks(self, split: str, sources: list) -> Iterator[Any]:
         for k, src in enumerate(sources):
@@ -263,9 +273,16 @@ class SFTDataModule(pl.LightningDataModule):
             yield texts
 
     @staticmethod
-    def _tables(results: Iterable[tuple], statuses: Counter, with_markers: list[int]) -> Iterator[tuple]:
-        """The encoded chunks' Arrow tables, as they come; statuses and marker rows are counted on the way."""
-        for counted, examples, rows, markers in results:
+    def _tables(
+        results: Iterable[tuple], statuses: Counter, with_markers: list[int], skipped: Counter
+    ) -> Iterator[tuple]:
+        """The encoded chunks' Arrow tables, as they come; statuses and marker rows are counted on the way,
+        and the skipped rows of chunks converted in the same task."""
+        for result in results:
+            if len(result) == 5:  # convert_encode_chunk: the skipped rows first
+                skipped.update(result[0])
+                result = result[1:]
+            counted, examples, rows, markers = result
             statuses.update(counted)
             with_markers[0] += markers
             yield examples, rows

@@ -110,8 +110,18 @@ def rows_with_markers(conversations: Sequence[Conversation], markers: Sequence[s
     def text(conv: Conversation) -> str:
         return conv if isinstance(conv, str) else "\n".join(str(m.get("content") or "") for m in conv)
 
-    texts = (text(c) for c in conversations)
-    return sum(any(m in t for m in markers) for t in texts)
+    # Most chunks hold no marker at all: one search per marker over the whole chunk says so.
+    pieces: list[str] = []
+    for conv in conversations:
+        if isinstance(conv, str):
+            pieces.append(conv)
+        else:
+            pieces += [str(m.get("content") or "") for m in conv]
+    whole = "\n".join(pieces)
+    # First characters ("<", "[") are rare in most text: one memchr-like scan each rules most chunks out.
+    if not any(c in whole for c in {m[:1] for m in markers}) or not any(m in whole for m in markers):
+        return 0
+    return sum(any(m in text(c) for m in markers) for c in conversations)
 
 
 def split_counts(statuses: Counter, skipped: Counter, duplicates: int) -> dict[str, Any]:
@@ -152,6 +162,10 @@ def encode_split(
 
 
 CHUNK = 1000  # rows per worker task / tokenizer call: big enough to batch, small enough to bound memory
+# A conversation as the JSON text the cache stores (json.dumps(c, ensure_ascii=False), without building an
+# encoder per call as json.dumps does for any non-default argument).
+to_json = json.JSONEncoder(ensure_ascii=False).encode
+_sorted_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode  # what `dedupe` compares
 _job: dict[str, Any] = {}  # what forked workers convert and encode with (inherited, not pickled per task)
 _opened: dict[tuple, Any] = {}  # converted files opened (reader, batch starts), by (process, path)
 
@@ -162,13 +176,13 @@ def convert_chunk(
     """Raw rows -> (skipped counts, each conversation as JSON text, and with `keys` the 16-byte dedupe key
     of each: a hash of the conversation with sorted keys, what `dedupe` compares)."""
     conversations, skipped = convert_rows(parse_chunk(chunk), fmt, fields, on_error)
-    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    texts = [to_json(c) for c in conversations]
     digests = b"".join(_dedupe_key(c) for c in conversations) if keys else b""
     return skipped, texts, digests
 
 
 def _dedupe_key(conversation: Conversation) -> bytes:
-    text = json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+    text = _sorted_json(conversation)
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
@@ -202,14 +216,49 @@ def encode_chunk(
     lists, so a worker hands the parent a few buffers to write as they are, rather than millions of ints
     to unpickle and convert."""
     chunk = [json.loads(t) for t in texts]
-    encoded = encode_conversations(chunk, template, tokenizer, **encode_kwargs)
+    return encode_converted(chunk, texts, template, tokenizer, markers, **encode_kwargs)
+
+
+def encode_converted(
+    conversations: Sequence[Conversation],
+    texts: Sequence[str] | None,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    markers: Sequence[str] = (),
+    **encode_kwargs: Any,
+) -> tuple[Counter, Any, Any, int]:
+    """`encode_chunk` of conversations, with their JSON texts or None (made here for the kept ones)."""
+    encoded = encode_conversations(conversations, template, tokenizer, **encode_kwargs)
     kept = [k for k, e in enumerate(encoded) if not e.dropped]
-    tables = cache.arrow_tables([encoded[k] for k in kept], [texts[k] for k in kept])
-    return Counter(e.status for e in encoded), *tables, rows_with_markers(chunk, markers)
+    kept_texts = [to_json(conversations[k]) if texts is None else texts[k] for k in kept]
+    tables = cache.arrow_tables([encoded[k] for k in kept], kept_texts)
+    return Counter(e.status for e in encoded), *tables, rows_with_markers(conversations, markers)
+
+
+def convert_encode_chunk(
+    chunk: RawChunk,
+    convert: tuple,
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    markers: Sequence[str] = (),
+    **encode_kwargs: Any,
+) -> tuple[Counter, Counter, Any, Any, int]:
+    """`convert_chunk` (with `convert` = its format, fields, on_error) then `encode_chunk` in one task, for
+    a split that is neither deduplicated nor split: (skipped counts, *what `encode_chunk` returns). The
+    conversations are encoded as they are converted, without their JSON round trip through a file."""
+    fmt, fields, on_error = convert[:3]
+    conversations, skipped = convert_rows(parse_chunk(chunk), fmt, fields, on_error)
+    return skipped, *encode_converted(conversations, None, template, tokenizer, markers, **encode_kwargs)
 
 
 def _convert_job(chunk: RawChunk) -> tuple[Counter, list[str], bytes]:
     return convert_chunk(chunk, *_job["convert"])
+
+
+def _convert_encode_job(chunk: RawChunk) -> tuple[Counter, Counter, Any, Any, int]:
+    return convert_encode_chunk(
+        chunk, _job["convert"], _job["template"], _job["tokenizer"], _job["markers"], **_job["kwargs"]
+    )
 
 
 def _encode_job(task: tuple[str | None, Any]) -> tuple[Counter, Any, Any, int]:
@@ -251,8 +300,8 @@ class Workers:
     def _fork(self) -> Any:
         if "template" in self.job:
             self.job["template"].bind(self.job["tokenizer"])
-        # Import what every worker needs (datasets, for the cache's schema: ~2 s of CPU) once, here, rather
-        # than once per worker; the parent needs it anyway to write the entry.
+        # Import what every worker needs (pyarrow, for the cache's tables) once, here, rather than once per
+        # worker.
         cache.arrow_tables([], [])
         # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns
         # it off by itself. Restored once the workers exist, for the parent's own calls.
@@ -293,6 +342,10 @@ class Workers:
         """`encode_chunk` of each (converted file, row indices) or (None, JSON texts) task."""
         return self.map(_encode_job, tasks)
 
+    def convert_encode(self, chunks: Iterable[RawChunk]) -> Iterator[tuple[Counter, Counter, Any, Any, int]]:
+        """`convert_encode_chunk` of each raw chunk."""
+        return self.map(_convert_encode_job, chunks)
+
 
 _END = object()
 
@@ -308,7 +361,7 @@ def encoded_chunks(
 ) -> Iterator[tuple[Counter, Any, Any, int]]:
     """`encode_chunk` of every chunk of a list of conversations, in order, by `num_proc` workers."""
     chunk_size = chunk_size or CHUNK
-    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    texts = [to_json(c) for c in conversations]
     tasks = ((None, texts[i : i + chunk_size]) for i in range(0, len(texts), chunk_size))
     job = {"template": template, "tokenizer": tokenizer, "markers": (), "kwargs": encode_kwargs}
     with Workers(num_proc, **job) as workers:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import logging
 import random
@@ -124,9 +125,9 @@ def iter_rows(source: Source, key: str, split: str) -> Iterator[Row]:
     return iter(read_source(source, key, split))
 
 
-# A chunk of raw rows as the pipeline's workers take it: a JSONL file and its (line number, bytes) lines,
-# parsed by the worker (`parse_chunk`), or (None, rows already parsed by the reader).
-RawChunk = tuple[Path | None, list]
+# A chunk of raw rows as the pipeline's workers take it: a JSONL file, the number of its first line and the
+# lines as bytes, parsed by the worker (`parse_chunk`); or (None, 0, rows already parsed by the reader).
+RawChunk = tuple[Path | None, int, list]
 
 
 def raw_chunks(source: Source, key: str, split: str, size: int, seed: int) -> Iterator[RawChunk]:
@@ -136,35 +137,31 @@ def raw_chunks(source: Source, key: str, split: str, size: int, seed: int) -> It
     if source.weight != 1:
         rows = weigh(read_source(source, key, split), source.weight, seed)
         for start in range(0, len(rows), size):
-            yield None, rows[start : start + size]
+            yield None, 0, rows[start : start + size]
         return
     file = _local_file(source.path, key)
     if file is not None and file.suffix == ".jsonl":
-        lines: list[tuple[int, bytes]] = []
         with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                lines.append((lineno, raw))
-                if len(lines) == size:
-                    yield file, lines
-                    lines = []
-        if lines:
-            yield file, lines
+            first = 1
+            while lines := list(itertools.islice(f, size)):  # no Python step per line in this process
+                yield file, first, lines
+                first += len(lines)
         return
     rows = []
     for row in iter_rows(source, key, split):
         rows.append(row)
         if len(rows) == size:
-            yield None, rows
+            yield None, 0, rows
             rows = []
     if rows:
-        yield None, rows
+        yield None, 0, rows
 
 
 def parse_chunk(chunk: RawChunk) -> list[Row]:
-    file, items = chunk
+    file, first, items = chunk
     if file is None:
         return items
-    rows = (parse_jsonl_line(file, lineno, raw) for lineno, raw in items)
+    rows = (parse_jsonl_line(file, lineno, raw) for lineno, raw in enumerate(items, start=first))
     return [row for row in rows if row is not None]
 
 

@@ -143,10 +143,12 @@ def segments_to_ids(
 ) -> tuple[list[int], list[int]]:
     input_ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
-    for k, seg in enumerate(segments):
-        ids = (vocab.first if k == 0 else vocab.rest)[seg.text, seg.literal]
-        input_ids.extend(ids)
-        labels.extend(ids if seg.train else [IGNORE_INDEX] * len(ids))
+    lookup = vocab.first
+    for seg in segments:
+        ids = lookup[seg.text, seg.literal]
+        lookup = vocab.rest
+        input_ids += ids
+        labels += ids if seg.train else [IGNORE_INDEX] * len(ids)
     if labels:
         labels[0] = IGNORE_INDEX  # never predicted; packed, it must not be the previous example's target
     return input_ids, labels
