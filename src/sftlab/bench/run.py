@@ -148,14 +148,17 @@ def _cpu_runs(args: argparse.Namespace, workdir: Path, base: list[str]) -> list[
     varied = _varied_file(args, workdir)
     vover = [*base, f"data.train_path={varied}", "data.val_path=null", "data.test_path=null"]
     runs = []
+    # TRL loads its model with transformers' own default attention (SDPA), as its users do.
+    sdpa = "model.attn_implementation=sdpa"
     for tag, over in (("iso", base), ("varied", vover)):
         runs += [
             (f"{tag}/bare", "peers:run_bare", {"overrides": over}),
             (f"{tag}/sftlab", "ours:run_sftlab", {"overrides": over}),
-            (f"{tag}/trl-default", "peers:run_trl", {"overrides": over, "trl": "default"}),
-            (f"{tag}/trl-best", "peers:run_trl", {"overrides": over, "trl": "best"}),
+            (f"{tag}/trl-default", "peers:run_trl", {"overrides": [*over, sdpa], "trl": "default"}),
+            (f"{tag}/trl-best", "peers:run_trl", {"overrides": [*over, sdpa], "trl": "best"}),
         ]
-    runs[6:6] = [
+    runs[2:2] = [("iso/sftlab-sdpa", "ours:run_sftlab", {"overrides": [*base, sdpa]})]  # the attention lever
+    runs[7:7] = [
         ("varied/sftlab-packed", "ours:run_sftlab", {"overrides": vover, "data": {"packing": True}}),
         ("varied/sftlab-grouped", "ours:run_sftlab", {"overrides": vover, "data": {"group_by_length": True}}),
     ]
