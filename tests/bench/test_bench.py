@@ -40,6 +40,20 @@ def test_flop_model_splits_parameters_by_role(tiny_model):
     assert (fm.layers, fm.attn_dim) == (2, 64)
 
 
+def test_step_shapes_cover_every_decoder_linear_forward_and_backward(tiny_model):
+    """The shapes bench multiplies each frozen decoder linear once forward and once for its input's gradient:
+    4 FLOPs per weight per token, as the flop model counts frozen weights."""
+    from sftlab.bench.shapes import step_shapes
+
+    shapes = step_shapes(tiny_model.config, tokens=7)
+    linears = sum(
+        m.weight.numel()
+        for n, m in tiny_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "layers" in n
+    )
+    assert sum(2 * m * k * n * count for m, k, n, count in shapes) == 4 * linears * 7
+
+
 def test_batch_counts_padded():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]),

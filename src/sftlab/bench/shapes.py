@@ -1,0 +1,85 @@
+"""`python -m sftlab.bench.shapes [--tokens N] [--threads N] [-o override ...]`: how fast this CPU multiplies
+the matrices of one training step of a config at their real shapes, beside its 2048^3 bf16 peak.
+
+The compute-efficiency figure of `sftlab-bench` divides a run's model FLOP/s by the 2048^3 matmul peak. A
+small model's step is made of much smaller matmuls: (tokens in the micro-batch) x hidden x out, once forward
+and twice backward (the input gradient of every linear; the weight gradient only for trained ones, here
+the LoRA factors, left out as a few percent of the FLOPs). Timed alone, in bf16, those shapes give the
+ceiling that no framework can pass on this machine for this config, so the gap splits into what the shapes
+cost (peak -> shape ceiling) and what the framework adds (shape ceiling -> the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from transformers import AutoConfig
+
+from sftlab import build
+from sftlab.bench.hardware import matmul_peak
+from sftlab.model.load import model_source
+
+
+def step_shapes(config: object, tokens: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every matmul of one forward + backward through the decoder's frozen linears."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = config.num_hidden_layers
+    linears = [  # (in, out) per layer: q, k, v, o, gate, up, down
+        (hidden, heads * head_dim),
+        (hidden, kv * head_dim),
+        (hidden, kv * head_dim),
+        (heads * head_dim, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
+    shapes = []
+    for k, n in linears:
+        shapes.append((tokens, k, n, layers))  # forward
+        shapes.append((tokens, n, k, layers))  # backward: the input's gradient
+    return shapes
+
+
+def shape_rate(shapes: list[tuple[int, int, int, int]], rounds: int = 5) -> float:
+    """GFLOP/s of the shapes' matmuls in bf16, each timed alone (best of `rounds`), weighted by count."""
+    flops = seconds = 0.0
+    for m, k, n, count in shapes:
+        a = torch.randn(m, k).to(torch.bfloat16)
+        b = torch.randn(k, n).to(torch.bfloat16)
+        torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(count):
+                torch.matmul(a, b)
+            best = min(best, time.perf_counter() - start)
+        flops += 2 * m * k * n * count
+        seconds += best
+    return flops / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sftlab.bench.shapes", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--override", action="append", default=[])
+    ap.add_argument("--tokens", type=int, default=456, help="tokens per micro-batch (default run: 8 x 57)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build.compose(args.override, tempfile.mkdtemp(prefix="sftlab-shapes-"))
+    config = AutoConfig.from_pretrained(model_source(cfg.model))
+    peak, _ = matmul_peak(torch.bfloat16)
+    rate = shape_rate(step_shapes(config, args.tokens))
+    threads = torch.get_num_threads()
+    print(f"bf16 matmul, {threads} threads: 2048^3 peak {peak:.0f} GFLOP/s")
+    share = 100 * rate / peak
+    print(f"this config's step shapes ({args.tokens} tokens): {rate:.0f} GFLOP/s = {share:.1f} % of it")
+
+
+if __name__ == "__main__":
+    main()
