@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sftlab.model.attention import auto_attention_forward
+from sftlab.model.attention import eager_attention_forward
 
 LAYER = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
 
@@ -40,25 +40,16 @@ def attention_times(rows: int, length: int, rounds: int = 10) -> dict[str, float
     mask = torch.ones(length, length, dtype=torch.bool).tril().expand(rows, 1, length, length).clone()
     mask[0, :, :, length // 2 :] = False  # one padded row, so the mask is not plain causal
 
-    def run(forward) -> None:
-        out, _ = forward(LAYER, q, k, v, mask, scaling=0.125)
+    def sdpa() -> None:
+        out, _ = sdpa_attention_forward(LAYER, q, k, v, mask, scaling=0.125)
         out.float().sum().backward()
 
-    sdpa_wall, sdpa_cpu = _time(lambda: run(sdpa_attention_forward), rounds)
-    eager_wall, eager_cpu = _time(lambda: run(_eager_only), rounds)
+    def eager() -> None:
+        eager_attention_forward(LAYER, q, k, v, mask, scaling=0.125).float().sum().backward()
+
+    sdpa_wall, sdpa_cpu = _time(sdpa, rounds)
+    eager_wall, eager_cpu = _time(eager, rounds)
     return {"sdpa_ms": sdpa_wall, "sdpa_cpu_ms": sdpa_cpu, "eager_ms": eager_wall, "eager_cpu_ms": eager_cpu}
-
-
-def _eager_only(module, query, key, value, mask, **kwargs):
-    """The eager path at every length (auto's own rule would hand the long ones to SDPA)."""
-    from sftlab.model import attention
-
-    limit = attention.EAGER_MAX_LENGTH
-    attention.EAGER_MAX_LENGTH = key.shape[2]
-    try:
-        return auto_attention_forward(module, query, key, value, mask, **kwargs)
-    finally:
-        attention.EAGER_MAX_LENGTH = limit
 
 
 def main(argv: list[str] | None = None) -> None:

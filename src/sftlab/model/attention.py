@@ -1,12 +1,13 @@
 """`model.attn_implementation=auto` (the default): SDPA, except short sequences on a CPU, computed eagerly.
 
 PyTorch's CPU SDPA kernel (flash attention for CPU) has a fixed cost per call that dominates at the lengths
-most SFT rows have: forward + backward of 8 rows x 50 tokens x 9 heads took 24 ms of CPU in bf16, two matmuls
-and a softmax 5 ms (`python -m sftlab.bench.attention`). In the default run that kernel was 21 % of a training
-step; computing those calls eagerly made training 1.5 x faster. Past a few hundred tokens the kernel wins
-(eager keeps a rows x heads x length^2 score tensor per layer for backward, and is slower), and for decoding
-(one query token) it is always faster; on a GPU SDPA is left alone. So the choice is made per call, from the
-query's device and length, which no single transformers implementation does.
+most SFT rows have: forward + backward of 8 rows x 64 tokens x 9 heads took 18 ms in bf16 on one thread, two
+matmuls and a softmax 6 ms (`python -m sftlab.bench.attention`). In the default run that kernel was 21 % of a
+training step; computing those calls eagerly made training 1.27 x faster (interleaved bench rounds). Past a
+few hundred tokens the kernel wins (eager keeps a rows x heads x length^2 score tensor per layer for
+backward, and is slower), and for decoding (one query token) it is always faster; on a GPU SDPA is left
+alone. So the choice is made per call, from the query's device and length, which no single transformers
+implementation does.
 
 Registered with transformers' `AttentionInterface` under `NAME`, with SDPA's mask function, so the masks
 (padding, packed rows' block-diagonal causal masks, sliding windows) are exactly those SDPA gets; the eager
@@ -23,8 +24,9 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "sftlab_auto"
-# Longest key length computed eagerly. Forward + backward CPU time of one layer's attention (8 rows, 9 heads,
-# bf16, one thread): 50 tokens 5 ms eager / 24 ms SDPA; 128: 21 / 54; 256: 76 / 61.
+# Longest key length computed eagerly: the crossover. Forward + backward of one layer's attention (8 rows,
+# 9 heads, bf16, one thread, quiet machine), eager / SDPA: 64 tokens 6.3 / 17.9 ms; 128: 23.7 / 39.4;
+# 192: 40.6 / 40.3; 256: 66.6 / 60.2 (docs/performance.md has the table at two threads too).
 EAGER_MAX_LENGTH = 192
 
 
@@ -65,6 +67,20 @@ def auto_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    return eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling), None
+
+
+def eager_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Two matmuls and a softmax, with SDPA's mask conventions (boolean, True = attend; none = causal).
+    transformers' own eager functions live in each model's file and take an additive float mask instead."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -77,4 +93,4 @@ def auto_attention_forward(
     scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
