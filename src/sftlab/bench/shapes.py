@@ -3,10 +3,11 @@ the matrices of one training step of a config at their real shapes, beside its 2
 
 The compute-efficiency figure of `sftlab-bench` divides a run's model FLOP/s by the 2048^3 matmul peak. A
 small model's step is made of much smaller matmuls: (tokens in the micro-batch) x hidden x out, once forward
-and twice backward (the input gradient of every linear; the weight gradient only for trained ones, here
-the LoRA factors, left out as a few percent of the FLOPs). Timed alone, in bf16, those shapes give the
-ceiling that no framework can pass on this machine for this config, so the gap splits into what the shapes
-cost (peak -> shape ceiling) and what the framework adds (shape ceiling -> the run).
+and once backward for the input's gradient (a frozen linear has no weight gradient; the trained LoRA
+factors and the output head at the target positions are left out, a few percent of the FLOPs). Timed
+alone, in bf16, those shapes give the ceiling that no framework can pass on this machine for this config,
+so the gap splits into what the shapes cost (peak -> shape ceiling) and what the framework adds (shape
+ceiling -> the run).
 """
 
 from __future__ import annotations
