@@ -166,3 +166,12 @@ def test_eval_precision_choices(choice, training, dtype):
     import torch
 
     assert build.eval_autocast(choice, training) == (dtype and getattr(torch, dtype))
+
+
+def test_eval_precision_auto_follows_a_training_precision_of_auto_as_resolved_here():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule")
+    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert build.eval_autocast("auto", "auto") == (torch.bfloat16 if bf16_cpu else None)
