@@ -14,7 +14,7 @@ from sftlab.bench import peers
 from sftlab.bench.hardware import FlopModel, flop_model
 from sftlab.bench.ours import run_sftlab
 from sftlab.bench.report import RATIO_TARGETS, summarize, targets
-from sftlab.bench.run import plan, pooled
+from sftlab.bench.run import _portable, main, plan, pooled
 from sftlab.bench.stats import Record, Step, batch_counts, example_lengths, median_rate, padding_efficiency
 from sftlab.data.tokenize import IGNORE_INDEX
 
@@ -108,6 +108,21 @@ def test_default_plan_runs_every_runner_a_target_names(tmp_path):
     names = [name for name, _, _ in plan(args, tmp_path)]
     assert {n for _, a, b, _ in RATIO_TARGETS for n in (a, b)} <= set(names)
     assert "iso/sftlab-qlora" in names and len(names) == len(set(names))
+
+
+def test_a_bad_override_stops_the_bench_before_any_runner_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=r"-o data=\[: no viable alternative"):
+        main(["--only", "data-scale", "--workdir", str(tmp_path), "-o", "data=["])
+    assert not list(tmp_path.iterdir())  # no runner started
+
+
+def test_a_runner_error_reaches_the_parent_with_its_type_and_message():
+    from hydra.errors import OverrideParseException
+
+    err = _portable(OverrideParseException(override="x=[", message="no viable alternative"))
+    assert type(err) is RuntimeError and str(err) == "OverrideParseException: no viable alternative"
+    plain = ValueError("kept as it is")
+    assert _portable(plain) is plain
 
 
 def test_rounds_pool_the_measured_steps_and_drop_each_rounds_warmup():

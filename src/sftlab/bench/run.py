@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import HydraException
 
 from sftlab import build
 from sftlab.bench import data as gen
@@ -185,7 +187,22 @@ def _invoke(module: str, function: str, spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.WARNING)
-    return getattr(importlib.import_module(f"sftlab.bench.{module}"), function)(spec)
+    try:
+        return getattr(importlib.import_module(f"sftlab.bench.{module}"), function)(spec)
+    except Exception as err:
+        raise _portable(err) from None
+
+
+def _portable(err: Exception) -> Exception:
+    """`err`, or a RuntimeError with its type and message where it would not survive the trip back to
+    the parent: an exception whose constructor takes other arguments than its `args` (Hydra's
+    OverrideParseException) fails to unpickle there, and the parent would see only "a process in the
+    process pool was terminated abruptly"."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
 
 
 def data_prep(spec: dict) -> dict:
@@ -308,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     # parent's idle threads take a core from the runners: 3x slower.
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # a bad -o fails here, in seconds, rather than in the first runner's process
+        build.compose(args.override)
+    except HydraException as err:
+        raise SystemExit(f"sftlab-bench: -o {' -o '.join(args.override)}: {err}") from None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
