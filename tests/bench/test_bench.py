@@ -42,16 +42,32 @@ def test_flop_model_splits_parameters_by_role(tiny_model):
 
 def test_step_shapes_cover_every_decoder_linear_forward_and_backward(tiny_model):
     """The shapes bench multiplies each frozen decoder linear once forward and once for its input's gradient:
-    4 FLOPs per weight per token, as the flop model counts frozen weights."""
-    from sftlab.bench.shapes import step_shapes
+    4 FLOPs per weight per token, as the flop model counts frozen weights; the meta skeleton of the config
+    has the loaded model's linears."""
+    from sftlab.bench.shapes import skeleton, step_shapes
 
-    shapes = step_shapes(tiny_model.config, tokens=7)
+    shapes = step_shapes(tiny_model, tokens=7)
+    assert sorted(step_shapes(skeleton(tiny_model.config), tokens=7)) == sorted(shapes)
     linears = sum(
         m.weight.numel()
         for n, m in tiny_model.named_modules()
         if isinstance(m, torch.nn.Linear) and "layers" in n
     )
     assert sum(2 * m * k * n * count for m, k, n, count in shapes) == 4 * linears * 7
+
+
+def test_step_shapes_follow_the_models_own_layout():
+    """Falcon: one fused query-key-value projection (multi-query: 64 -> 64 + 2 x 16) and a two-matrix MLP,
+    not the q, k, v, o, gate, up, down of a Llama."""
+    from transformers import FalconConfig
+
+    from sftlab.bench.shapes import skeleton, step_shapes
+
+    config = FalconConfig(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, multi_query=True
+    )
+    forward = {(k, n, count) for m, k, n, count in step_shapes(skeleton(config), tokens=7)[::2]}
+    assert forward == {(64, 96, 2), (64, 64, 2), (64, 256, 2), (256, 64, 2)}
 
 
 def test_batch_counts_padded():

@@ -2,9 +2,10 @@
 the matrices of one training step of a config at their real shapes, beside its 2048^3 bf16 peak.
 
 The compute-efficiency figure of `sftlab-bench` divides a run's model FLOP/s by the 2048^3 matmul peak. A
-small model's step is made of much smaller matmuls: (tokens in the micro-batch) x hidden x out, once forward
-and once backward for the input's gradient (a frozen linear has no weight gradient; the trained LoRA
-factors and the output head at the target positions are left out, a few percent of the FLOPs). Timed
+small model's step is made of much smaller matmuls: (tokens in the micro-batch) x in x out of each linear of
+the decoder, once forward and once backward for the input's gradient (a frozen linear has no weight
+gradient; the trained LoRA factors and the output head at the target positions are left out, a few percent
+of the FLOPs). Timed
 alone, in bf16, those shapes give the ceiling that no framework can pass on this machine for this config,
 so the gap splits into what the shapes cost (peak -> shape ceiling) and what the framework adds (shape
 ceiling -> the run).
@@ -15,35 +16,36 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections import Counter
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftlab import build
 from sftlab.bench.hardware import matmul_peak
 from sftlab.model.load import model_source
 
 
-def step_shapes(config: object, tokens: int) -> list[tuple[int, int, int, int]]:
-    """(m, k, n, count) of every matmul of one forward + backward through the decoder's frozen linears."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layers = config.num_hidden_layers
-    linears = [  # (in, out) per layer: q, k, v, o, gate, up, down
-        (hidden, heads * head_dim),
-        (hidden, kv * head_dim),
-        (hidden, kv * head_dim),
-        (heads * head_dim, hidden),
-        (hidden, inter),
-        (hidden, inter),
-        (inter, hidden),
-    ]
+def step_shapes(model: torch.nn.Module, tokens: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every matmul of one forward + backward through the model's linears other than
+    the output head, read from its modules (so a fused QKV or another MLP counts as it is built)."""
+    head = model.get_output_embeddings()
+    counts = Counter(
+        (m.in_features, m.out_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
     shapes = []
-    for k, n in linears:
-        shapes.append((tokens, k, n, layers))  # forward
-        shapes.append((tokens, n, k, layers))  # backward: the input's gradient
+    for (k, n), count in counts.items():
+        shapes.append((tokens, k, n, count))  # forward
+        shapes.append((tokens, n, k, count))  # backward: the input's gradient
     return shapes
+
+
+def skeleton(config: object) -> torch.nn.Module:
+    """The model a config describes, on the meta device: its modules and shapes, no weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def shape_rate(shapes: list[tuple[int, int, int, int]], rounds: int = 5) -> float:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = build.compose(args.override, tempfile.mkdtemp(prefix="sftlab-shapes-"))
     config = AutoConfig.from_pretrained(model_source(cfg.model))
     peak, _ = matmul_peak(torch.bfloat16)
-    rate = shape_rate(step_shapes(config, args.tokens))
+    rate = shape_rate(step_shapes(skeleton(config), args.tokens))
     threads = torch.get_num_threads()
     print(f"bf16 matmul, {threads} threads: 2048^3 peak {peak:.0f} GFLOP/s")
     share = 100 * rate / peak
