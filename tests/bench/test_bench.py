@@ -130,6 +130,8 @@ def test_a_bad_override_stops_the_bench_before_any_runner_naming_it(tmp_path):
     with pytest.raises(SystemExit, match=r"-o data=\[: no viable alternative"):
         main(["--only", "data-scale", "--workdir", str(tmp_path), "-o", "data=["])
     assert not list(tmp_path.iterdir())  # no runner started
+    with pytest.raises(SystemExit, match=r"-o data=\[: no viable alternative"):
+        main(["--peers", "litgpt", "--workdir", str(tmp_path), "-o", "data=["])
 
 
 def test_a_runner_error_reaches_the_parent_with_its_type_and_message():

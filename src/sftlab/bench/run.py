@@ -315,6 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:  # a bad -o fails here, in seconds, rather than in the first runner's process
+        build.compose(args.override)
+    except HydraException as err:
+        raise SystemExit(f"sftlab-bench: -o {' -o '.join(args.override)}: {err}") from None
     if args.peers is not None:
         from sftlab.bench import frameworks
 
@@ -325,10 +329,6 @@ def main(argv: list[str] | None = None) -> dict:
     # parent's idle threads take a core from the runners: 3x slower.
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:  # a bad -o fails here, in seconds, rather than in the first runner's process
-        build.compose(args.override)
-    except HydraException as err:
-        raise SystemExit(f"sftlab-bench: -o {' -o '.join(args.override)}: {err}") from None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -5,10 +5,9 @@ The compute-efficiency figure of `sftlab-bench` divides a run's model FLOP/s by 
 small model's step is made of much smaller matmuls: (tokens in the micro-batch) x in x out of each linear of
 the decoder, once forward and once backward for the input's gradient (a frozen linear has no weight
 gradient; the trained LoRA factors and the output head at the target positions are left out, a few percent
-of the FLOPs). Timed
-alone, in bf16, those shapes give the ceiling that no framework can pass on this machine for this config,
-so the gap splits into what the shapes cost (peak -> shape ceiling) and what the framework adds (shape
-ceiling -> the run).
+of the FLOPs). Timed alone, in bf16, those shapes give the ceiling that no framework can pass on this
+machine for this config, so the gap splits into what the shapes cost (peak -> shape ceiling) and what the
+framework adds (shape ceiling -> the run).
 """
 
 from __future__ import annotations
