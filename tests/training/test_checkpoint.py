@@ -16,6 +16,7 @@ from sftlab import build
 from sftlab.errors import ConfigError
 from sftlab.model.adapters import LoRA
 from sftlab.model.load import load_model, model_source
+from sftlab.training import checkpoint
 from sftlab.training.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, resolve_resume
 from sftlab.training.module import NonFiniteLossError, SFTModule
 from tests.conftest import ROOT, quiet_trainer, small_iso_data, tiny_train_command
@@ -272,3 +273,18 @@ def test_validation_and_its_checkpoint_never_fall_inside_an_accumulation_window(
     trainer.fit(module, datamodule=dm)
     assert trainer.val_check_batch == 2
     assert seen.steps == [1, 2, 3, 4, 5, 6]  # after whole steps only (unaligned: 1 mid-window, 3, 4, 6)
+
+
+def test_resume_allows_another_optimizer_kernel_but_not_another_update(tmp_path, caplog):
+    """A run recorded before `optimizer.fused` was set (an older default) resumes with it, with a warning; a
+    change of the update itself (weight decay) is still refused, naming it."""
+    recorded = {"optimizer._target_": "torch.optim.AdamW", "optimizer.lr": 2e-4, "optimizer.weight_decay": 0.0}
+    path = tmp_path / "last.ckpt"
+    torch.save({checkpoint.SETTINGS_KEY: recorded}, path)
+
+    now = {**recorded, "optimizer.fused": True}
+    assert checkpoint.check_resume(str(path), now) == {"optimizer.fused": ("<absent>", True)}
+    assert "optimizer.fused changed from '<absent>' to True" in caplog.text
+
+    with pytest.raises(ConfigError, match="optimizer.weight_decay: 0.0 in the checkpoint, 0.1 now"):
+        checkpoint.check_resume(str(path), {**now, "optimizer.weight_decay": 0.1})

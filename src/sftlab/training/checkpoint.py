@@ -186,7 +186,9 @@ SETTING_KEYS = (
     "trainer.num_nodes",
     "seed",
 )
-SAFE_CHANGES = ("optimizer.lr",)
+# The learning rate is rescaled from the resume point; fused / foreach pick another kernel for the same update
+# (the optimizer state loads into any of them; results differ in the last bits, so not bit-identical).
+SAFE_CHANGES = ("optimizer.lr", "optimizer.fused", "optimizer.foreach")
 DATA_KEY = "data (tokenized train split, sha256)"
 
 
@@ -240,7 +242,7 @@ def check_resume(ckpt_path: str | None, settings: dict[str, Any]) -> dict[str, t
             f"resume from {ckpt_path}: this launch differs from the run it would continue in what the "
             f"checkpoint depends on ({len(unsafe)} difference(s)):\n{listing}\n"
             "Put these settings back to the checkpoint's values to resume, or start a new run "
-            "(another hydra.run.dir, or replace=true). Only optimizer.lr may change on resume."
+            f"(another hydra.run.dir, or replace=true). Only {', '.join(SAFE_CHANGES)} may change on resume."
         )
     for k, (old, new) in diffs.items():
         log.warning("resume: %s changed from %r to %r; applied from the resume point on", k, old, new)

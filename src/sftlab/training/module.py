@@ -24,6 +24,7 @@ the last checkpoint to resume from; the check uses the rank-summed loss, so all 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -36,6 +37,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
 from sftlab.errors import SFTLabError
@@ -189,12 +192,39 @@ class SFTModule(pl.LightningModule):
     # ---- optimizer ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        factory = self.optimizer_factory
+        if (
+            getattr(factory, "keywords", {}).get("fused")
+            and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+            and self.trainer.gradient_clip_val
+        ):
+            # fp16's loss scaler: a fused step unscales the gradients itself, after clipping would have run
+            # on scaled ones, so Lightning refuses the pair. The per-tensor kernel is the same update.
+            log.warning(
+                "optimizer.fused=true under 16-mixed with gradient clipping: using the unfused kernel"
+            )
+            factory = functools.partial(factory, fused=False)
+        optimizer = factory(params)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Any = None,
+        gradient_clip_algorithm: Any = None,
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            # bf16 autocast has no loss scaler, so a fused optimizer's gradients are plain ones and clip as
+            # any others; Lightning's mixed-precision plugin refuses every fused optimizer, as if all had one.
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- adapter-sized checkpoints --------------------------------------------------------------------
     def trainable_names(self) -> set[str]:
