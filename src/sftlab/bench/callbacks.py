@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,22 @@ class FirstStepMarker(pl.Callback):
     ) -> None:
         if trainer.global_step >= 1 and not Path(self.path).exists():
             Path(self.path).write_text(f"{time.time()}\n")
+
+
+def train_command(overrides: list[str], run_dir: Path, name: str, callback: type, **kwargs: Any) -> list[str]:
+    """`python -m sftlab.cli.train` as the benchmark launches it: the overrides, then `eval=none` (the judge
+    or nothing evaluates afterwards; the base evaluation is not the cost measured) and `logger=csv` (no W&B
+    service left behind by a run stopped early), into `run_dir`, with `callback` added as `callbacks.<name>`
+    (its keyword arguments as its config)."""
+    target = f"+callbacks.{name}"
+    return [
+        sys.executable,
+        "-m",
+        "sftlab.cli.train",
+        *overrides,
+        "eval=none",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        f"{target}._target_={callback.__module__}.{callback.__qualname__}",
+        *(f"{target}.{k}={v}" for k, v in kwargs.items()),
+    ]

@@ -30,7 +30,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from sftlab.bench.callbacks import train_command
 from sftlab.paths import config_dir
 
 log = logging.getLogger("sftlab.bench")
@@ -477,17 +477,7 @@ def run_sftlab(setup: Setup, workdir: Path, overrides: list[str], timeout: float
         shutil.rmtree(run)
     clock_file = workdir / "sftlab-train-clock.json"
     clock_file.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sftlab.cli.train",
-        *overrides,
-        "eval=none",
-        "logger=csv",
-        f"hydra.run.dir={run}",
-        f"+callbacks.bench_train_clock._target_={__name__}.TrainClock",
-        f"+callbacks.bench_train_clock.path={clock_file}",
-    ]
+    cmd = train_command(overrides, run, "bench_train_clock", TrainClock, path=clock_file)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = run_process(cmd, cwd=workdir, log_path=workdir / "sftlab.log", env=env, timeout=timeout)
     if proc.rc != 0:

@@ -29,6 +29,7 @@ from hydra.errors import HydraException
 from sftlab import build
 from sftlab.bench import data as gen
 from sftlab.bench import loss_memory
+from sftlab.bench.callbacks import FirstStepMarker, train_command
 from sftlab.bench.hardware import machine, matmul_peak, pick_device
 from sftlab.bench.report import history_row, render, render_figures, summarize, targets
 from sftlab.bench.scale import data_scale
@@ -265,17 +266,9 @@ def first_step(overrides: list[str], workdir: Path, timeout: float = 300) -> dic
     """
     marker = workdir / "first_step.txt"
     marker.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sftlab.cli.train",
-        "eval=none",
-        "logger=csv",
-        *overrides,
-        f"hydra.run.dir={workdir / 'first_step_run'}",
-        "+callbacks.bench_first_step._target_=sftlab.bench.callbacks.FirstStepMarker",
-        f"+callbacks.bench_first_step.path={marker}",
-    ]
+    cmd = train_command(
+        overrides, workdir / "first_step_run", "bench_first_step", FirstStepMarker, path=marker
+    )
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     launched = time.time()
     errors = workdir / "first_step.log"
