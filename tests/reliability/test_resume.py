@@ -156,3 +156,16 @@ def test_final_adapter_is_the_best_checkpoint_when_it_is_not_the_last(finished_r
         assert torch.equal(tensor, best_state[ckpt_key]), key
         differs_from_last |= not torch.equal(tensor, last_state[ckpt_key])
     assert differs_from_last
+
+
+@pytest.mark.parametrize("interval", ["1.0", "2"])
+def test_max_steps_between_validations_validates_and_saves_the_last_step(finished_run, tmp_path, interval):
+    """max_steps=3 ends the run mid-epoch (6 batches), after the last due validation (at the epoch's end, or
+    at step 2): the run still validates at step 3, checkpoints it, and early stopping finds val/loss."""
+    base, _ = finished_run
+    run_dir = tmp_path / "run"
+    train_in_process(run_dir, base / "data", "trainer.max_steps=3", f"trainer.val_check_interval={interval}")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    assert metrics["val"]["loss"] is not None

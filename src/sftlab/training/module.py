@@ -146,6 +146,14 @@ class SFTModule(pl.LightningModule):
         step_targets = batch["step_targets"].clamp(min=1)
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / step_targets
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.should_stop:
+            # max_steps can end the run between validations (mid-epoch, validation due at the epoch's end):
+            # stopping through `should_stop` makes Lightning validate and checkpoint at this step, as for
+            # early stopping, so the last steps are measured and can become the adapter, not dropped.
+            trainer.should_stop = True
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs once per optimizer step, after all its micro-batches: log the token-weighted step loss."""
         loss, targets, tokens = self._step_loss, self._step_targets, self._step_tokens
