@@ -77,3 +77,23 @@ def test_device_for_commands_outside_training(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
     assert build.device_for("auto") == build.device_for(None) == expected
+
+
+def test_a_callback_or_logger_set_to_null_is_switched_off(tmp_path):
+    """`callbacks.<name>=null` and `logger.<name>=null` leave that one out (as `~callbacks.<name>` does),
+    instead of handing Lightning a None it fails on after the model has loaded."""
+    from pytorch_lightning.callbacks import EarlyStopping
+    from pytorch_lightning.loggers import CSVLogger
+
+    from sftlab.training.loggers import make_loggers
+
+    cfg = build.compose(
+        ["model=tiny_random", "logger=wandb", "logger.wandb=null", "callbacks.early_stopping=null"], tmp_path
+    )
+    loggers = make_loggers(cfg.logger)
+    assert [type(lg).__name__ for lg in loggers] == ["ResumableCSVLogger"] and isinstance(
+        loggers[0], CSVLogger
+    )
+    trainer = build.trainer(cfg, loggers)
+    assert None not in trainer.callbacks
+    assert not any(isinstance(c, EarlyStopping) for c in trainer.callbacks)

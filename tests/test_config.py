@@ -53,6 +53,7 @@ INVALID = [
     (["eval=generate", "eval.generate.reasoning=hide"], "eval.generate.reasoning='hide'", "strip, show"),
     (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key", "pytorch_lightning.Trainer accepts"),
     (["eval_precision=fp16"], "eval_precision='fp16'", "auto, 32, bf16-mixed, 16-mixed"),
+    (["logger=csv", "logger.csv=null"], "callbacks.lr_monitor", "callbacks.lr_monitor=null"),
 ]
 
 

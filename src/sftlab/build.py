@@ -179,7 +179,8 @@ def module(cfg: DictConfig, model: torch.nn.Module) -> SFTModule:
 
 
 def trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # `callbacks.<name>=null` switches one off, as `~callbacks.<name>` does (lightning-hydra-template's way).
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return instantiate(
         cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=loggers, callbacks=callbacks
     )

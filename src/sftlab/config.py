@@ -436,6 +436,27 @@ def _check_data_mix(cfg: DictConfig, origin: Origin, problems: list[str]) -> Non
         )
 
 
+def _check_loggers(cfg: DictConfig, origin: Origin, problems: list[str]) -> None:
+    """Every logger switched off (`logger.csv=null`) leaves Lightning's LearningRateMonitor nothing to log to,
+    and it would stop the run at the first step: say so before anything loads."""
+    loggers, callbacks = cfg.get("logger"), cfg.get("callbacks")
+    if origin.config_name != "train" or not isinstance(callbacks, DictConfig):
+        return
+    if isinstance(loggers, DictConfig) and any(v is not None for v in loggers.values()):
+        return
+    monitors = [
+        name
+        for name, c in callbacks.items()
+        if isinstance(c, DictConfig) and str(c.get("_target_", "")).endswith(".LearningRateMonitor")
+    ]
+    for name in monitors:
+        problems.append(
+            f"callbacks.{name} ({origin.where(f'callbacks.{name}')}): logs the learning rate, but every "
+            "logger is off. Keep a logger (logger=csv writes csv/metrics.csv, which sftlab-report reads) or "
+            f"switch this callback off too: callbacks.{name}=null."
+        )
+
+
 def streaming_problems(data: Mapping[str, Any], trainer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """With `data.streaming=true`: (key, problem) for each setting a stream cannot honour (docs/streaming.md).
     `trainer`: None where it is not known (the datamodule built on its own)."""
@@ -556,6 +577,7 @@ def validate(cfg: DictConfig, origin: Origin | None = None) -> None:
     _check_paths(cfg, origin, problems)
     problems += device_problems(cfg, origin)
     _check_data_mix(cfg, origin, problems)
+    _check_loggers(cfg, origin, problems)
     _check_streaming(cfg, origin, problems)
     _check_devices(cfg, origin, problems)
     if problems:

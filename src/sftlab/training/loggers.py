@@ -68,12 +68,11 @@ def _masked(override: str) -> str:
 
 
 def make_loggers(cfg: DictConfig | None) -> list[Logger]:
-    if not cfg:
-        return []
-    if "wandb" in cfg and not os.environ.get("WANDB_MODE") and not wandb_logged_in():
+    chosen = {name: c for name, c in (cfg or {}).items() if c is not None}  # `logger.<name>=null`: off
+    if "wandb" in chosen and not os.environ.get("WANDB_MODE") and not wandb_logged_in():
         log.info("W&B: not logged in, logging offline (sync later with `wandb sync`).")
         os.environ["WANDB_MODE"] = "offline"
-    return [instantiate(_with_identity(c) if name == "wandb" else c) for name, c in cfg.items()]
+    return [instantiate(_with_identity(c) if name == "wandb" else c) for name, c in chosen.items()]
 
 
 def _with_identity(wandb_cfg: DictConfig) -> DictConfig:
