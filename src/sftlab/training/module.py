@@ -18,6 +18,10 @@ at the start of the next one. Whatever runs in between (validation creating its 
 cannot shift it, and a resumed run restores the saved state there, so it draws the same dropout masks as an
 uninterrupted run. Changing how often validation runs does not change the training trajectory either.
 
+A run that `max_steps` ends between validations validates (and so checkpoints) at its last step. Gradient
+clipping works with a fused optimizer under bf16 autocast, which Lightning's plugin refuses; under fp16's
+loss scaler the unfused kernel is used.
+
 A non-finite step loss stops the run before that step is applied (`NonFiniteLossError`), naming the step and
 the last checkpoint to resume from; the check uses the rank-summed loss, so all ranks stop together.
 """
