@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from sftlab import build
+from sftlab.errors import ConfigError
 from sftlab.model.forward import token_loss_sum
 from tests.conftest import quiet_trainer, small_iso_data
 
@@ -97,3 +99,20 @@ def test_a_callback_or_logger_set_to_null_is_switched_off(tmp_path):
     trainer = build.trainer(cfg, loggers)
     assert None not in trainer.callbacks
     assert not any(isinstance(c, EarlyStopping) for c in trainer.callbacks)
+
+
+def test_a_validation_interval_longer_than_an_epoch_fails_before_the_model_loads(fitted):
+    """24 examples in micro-batches of 4 with accumulation 2: 6 micro-batches per epoch, as the real training
+    loader yields them; an interval of 7 is refused naming the epoch's length, 6 passes, and with
+    check_val_every_n_epoch=null (micro-batches counted across epochs) any interval is Lightning's to run."""
+    cfg, _, dm, *_ = fitted
+
+    def with_trainer(**trainer):
+        return OmegaConf.merge(cfg, {"trainer": {"accumulate_grad_batches": 2, **trainer}})
+
+    assert dm.micro_batches_per_epoch(2, 1) == 6 == len(dm.train_dataloader())
+    with pytest.raises(ConfigError, match=r"val_check_interval=7: .* an epoch has 6 \(24 training examples"):
+        build.check_validation_interval(with_trainer(val_check_interval=7), dm)
+    build.check_validation_interval(with_trainer(val_check_interval=6), dm)
+    build.check_validation_interval(with_trainer(val_check_interval=7, check_val_every_n_epoch=None), dm)
+    build.check_validation_interval(with_trainer(val_check_interval=0.5), dm)

@@ -28,7 +28,7 @@ from sftlab import paths
 from sftlab.config import Origin, check_devices, validate
 from sftlab.data.datamodule import SFTDataModule
 from sftlab.data.templates import ChatTemplate
-from sftlab.errors import SFTLabError
+from sftlab.errors import ConfigError, SFTLabError
 from sftlab.eval.suite import EvalSuite, build_suite
 from sftlab.model.load import (
     check_available,
@@ -145,6 +145,30 @@ def datamodule(
     if setup:
         dm.setup(stage)
     return dm
+
+
+def check_validation_interval(cfg: DictConfig, dm: SFTDataModule) -> None:
+    """An integer `trainer.val_check_interval` longer than an epoch fails in Lightning only once `fit` starts,
+    after the model loaded and the base evaluation ran: fail here, with the epoch's length and the fixes."""
+    trainer = cfg.trainer
+    every, devices = trainer.get("val_check_interval"), trainer.get("devices")
+    if not (isinstance(every, int) and isinstance(devices, int) and devices > 0):
+        return  # a fraction of an epoch, or a device count only Lightning resolves
+    if trainer.get("check_val_every_n_epoch") is None or trainer.get("limit_train_batches") not in (
+        None,
+        1.0,
+    ):
+        return  # micro-batches counted across epochs, or an epoch cut short on purpose
+    processes = devices * (trainer.get("num_nodes") or 1)
+    batches = dm.micro_batches_per_epoch(trainer.get("accumulate_grad_batches") or 1, processes)
+    if batches is not None and every > batches:
+        raise ConfigError(
+            f"trainer.val_check_interval={every}: validation every {every} micro-batches, but an epoch has "
+            f"{batches} ({len(dm.splits['train'].examples)} training examples, data.batch_size="
+            f"{dm.batch_size}, {processes} process(es)), so it would never run. Set it to at most "
+            f"{batches}, to a fraction of an epoch (0.5: twice per epoch), or set "
+            "trainer.check_val_every_n_epoch=null to count micro-batches across epochs."
+        )
 
 
 def adapter(cfg: DictConfig) -> Any:

@@ -14,6 +14,7 @@ from sftlab.config import validate
 from sftlab.errors import ConfigError, SFTLabError
 from sftlab.training import checkpoint
 from tests.conftest import ISO_DATA
+from tests.reliability.conftest import train_in_process
 
 
 def _problems(*overrides: str) -> str:
@@ -99,3 +100,13 @@ def test_wandb_typo_drop_ratio_and_too_many_cpu_devices_are_refused():
         ["model=tiny_random", "+logger.wandb.notes=hi", "+logger.wandb.job_type=train"], output_dir="/tmp"
     )
     validate(cfg, origin)
+
+
+def test_a_validation_interval_longer_than_the_epoch_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """The smoke run's epoch is 6 micro-batches: an interval of 100 is refused by the real entry point as soon
+    as the data is read, before the model loads (Lightning's own error came only inside `fit`)."""
+    monkeypatch.setattr(build, "base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(
+        ConfigError, match=r"val_check_interval=100: .* an epoch has 6 \(24 training examples"
+    ):
+        train_in_process(tmp_path / "run", tmp_path / "data", "trainer.val_check_interval=100")

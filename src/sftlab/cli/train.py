@@ -78,6 +78,7 @@ def train(cfg: DictConfig, source: str) -> float:
     if cfg.data.get("audit") and is_rank_zero():  # rank 0 runs first: failing here, no other rank starts
         data_cli.audit_before_training(cfg, parts, run_dir / "audit")
     datamodule = build.datamodule(parts)
+    build.check_validation_interval(cfg, datamodule)
     suite = build.suite(cfg, parts, datamodule.splits, run_dir / "eval")
     # Before the model loads: a resume that cannot be honoured fails in seconds, naming each difference.
     resume_from = checkpoint.resolve_resume(cfg.get("resume"), run_dir)

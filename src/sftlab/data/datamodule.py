@@ -345,6 +345,22 @@ class SFTDataModule(pl.LightningDataModule):
         collate_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=collate_fn, **kwargs)
 
+    def micro_batches_per_epoch(self, accumulate: int, world_size: int) -> int | None:
+        """How many micro-batches one rank's training loader yields per epoch (None for a stream): what
+        Lightning compares an integer `val_check_interval` with."""
+        if self.stream is not None:
+            return None
+        plan = StepPlanSampler(
+            self.splits["train"].num_targets,
+            batch_size=self.batch_size,
+            accumulate=accumulate,
+            world_size=world_size,
+            rank=0,
+            shuffle=False,
+            seed=self.seed,
+        )
+        return len(plan)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.stream is not None:
