@@ -154,10 +154,8 @@ def check_validation_interval(cfg: DictConfig, dm: SFTDataModule) -> None:
     every, devices = trainer.get("val_check_interval"), trainer.get("devices")
     if not (isinstance(every, int) and isinstance(devices, int) and devices > 0):
         return  # a fraction of an epoch, or a device count only Lightning resolves
-    if trainer.get("check_val_every_n_epoch") is None or trainer.get("limit_train_batches") not in (
-        None,
-        1.0,
-    ):
+    across_epochs = trainer.get("check_val_every_n_epoch") is None
+    if across_epochs or trainer.get("limit_train_batches") not in (None, 1.0):
         return  # micro-batches counted across epochs, or an epoch cut short on purpose
     processes = devices * (trainer.get("num_nodes") or 1)
     batches = dm.micro_batches_per_epoch(trainer.get("accumulate_grad_batches") or 1, processes)

@@ -345,35 +345,31 @@ class SFTDataModule(pl.LightningDataModule):
         collate_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(dataset, num_workers=self.num_workers, collate_fn=collate_fn, **kwargs)
 
-    def micro_batches_per_epoch(self, accumulate: int, world_size: int) -> int | None:
-        """How many micro-batches one rank's training loader yields per epoch (None for a stream): what
-        Lightning compares an integer `val_check_interval` with."""
-        if self.stream is not None:
-            return None
-        plan = StepPlanSampler(
+    def _step_plan(self, accumulate: int, world_size: int, rank: int) -> StepPlanSampler:
+        return StepPlanSampler(
             self.splits["train"].num_targets,
             batch_size=self.batch_size,
             accumulate=accumulate,
             world_size=world_size,
-            rank=0,
-            shuffle=False,
+            rank=rank,
+            shuffle=self.shuffle,
             seed=self.seed,
+            lengths=self.splits["train"].lengths if self.group_by_length else None,
         )
-        return len(plan)
+
+    def micro_batches_per_epoch(self, accumulate: int, world_size: int) -> int | None:
+        """How many micro-batches one rank's training loader yields per epoch (None for a stream): what
+        Lightning compares an integer `val_check_interval` with."""
+        return None if self.stream is not None else len(self._step_plan(accumulate, world_size, rank=0))
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.stream is not None:
             return stream_loader(self, trainer)
-        self.sampler = StepPlanSampler(
-            self.splits["train"].num_targets,
-            batch_size=self.batch_size,
+        self.sampler = self._step_plan(
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
             world_size=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            lengths=self.splits["train"].lengths if self.group_by_length else None,
         )
         resume = getattr(self, "_resume_state", None)
         if resume:  # set by load_state_dict when Lightning restores a checkpoint
