@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 from sftlab.data import pipeline
 from sftlab.data.pipeline import Workers, convert_chunk, dedupe, first_occurrences, split_indices, split_off
@@ -48,6 +49,23 @@ def test_workers_keep_at_most_two_tasks_per_worker_in_flight_and_results_in_orde
     assert pipeline._job == {}
 
 
+def test_the_json_text_of_a_conversation_reads_back_as_exactly_that_conversation():
+    """Strings alone go through orjson; a tool call's non-finite float and a 70-bit integer (orjson would
+    write null and refuse) through the standard library. Key order is kept, or sorted for dedupe."""
+    plain = [{"role": "user", "content": 'é "q"\u2028\n\t'}, {"content": "a", "role": "assistant"}]
+    nan = [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": math.inf}}]}]
+    big = [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"n": 2**70}}]}]
+    for conv in (plain, nan, big, "a plain-text document"):
+        text = pipeline.to_json(conv)
+        assert isinstance(text, bytes) and json.loads(text) == conv, conv
+        assert repr(json.loads(text)) == repr(conv)  # same key order, same number types
+        assert json.loads(pipeline.to_json(conv, sort_keys=True)) == conv
+    assert pipeline.to_json(plain[1:], sort_keys=True) == b'[{"content":"a","role":"assistant"}]'
+    assert pipeline.to_json(plain[1:]) == b'[{"content":"a","role":"assistant"}]'
+    unsorted = [{"role": "a", "content": "b"}]
+    assert pipeline.to_json(unsorted, sort_keys=True) == b'[{"content":"b","role":"a"}]'
+
+
 def test_a_chunk_converted_and_encoded_in_one_task_gives_what_the_two_steps_give(tmp_path, tokenizer, chatml):
     """Splits without dedupe or a seeded split skip the JSON round trip: same statuses, examples, rows and
     skips as converting first and encoding the JSON texts after."""
@@ -65,7 +83,7 @@ def test_a_chunk_converted_and_encoded_in_one_task_gives_what_the_two_steps_give
     assert one_task[0] == skipped == {"bad_json": 1, "no_assistant": 1}
     assert one_task[1] == two_steps[0] == {"kept": 9, "too_long": 1}
     assert one_task[2].equals(two_steps[1]) and one_task[3].equals(two_steps[2])
-    assert one_task[3].column("json").to_pylist() == [t for k, t in enumerate(texts) if k != 7]
+    assert one_task[3].column("json").to_pylist() == [t.decode() for k, t in enumerate(texts) if k != 7]
     assert (two_steps[3], one_task[4]) == (0, 1)  # no row holds "<|im_end|>"; one holds "x"
 
 

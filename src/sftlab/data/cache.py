@@ -148,9 +148,9 @@ def rows_schema() -> Any:
 
 
 def table_of(columns: Mapping[str, Sequence], schema: Any) -> Any:
-    """An Arrow table of Python columns (int32, string or list<int32>, as the cache's schemas hold), made
-    from numpy buffers rather than with `pa.array`, whose first call imports pandas (about 0.4 s of CPU in
-    every process that writes or tokenizes: the workers and the parent alike)."""
+    """An Arrow table of Python columns (int32, string (str or UTF-8 bytes) or list<int32>, as the cache's
+    schemas hold), made from numpy buffers rather than with `pa.array`, whose first call imports pandas
+    (about 0.4 s of CPU in every process that writes or tokenizes: the workers and the parent alike)."""
     import numpy as np
     import pyarrow as pa
 
@@ -171,7 +171,7 @@ def table_of(columns: Mapping[str, Sequence], schema: Any) -> Any:
         if field.type == pa.int32():
             arrays.append(ints(values, n))
         elif field.type == pa.string():
-            data = [v.encode() for v in values]
+            data = [v if isinstance(v, bytes) else v.encode() for v in values]
             buffers = [None, offsets(map(len, data), n), pa.py_buffer(b"".join(data))]
             arrays.append(pa.Array.from_buffers(pa.string(), n, buffers))
         elif field.type == pa.list_(pa.int32()):
@@ -244,7 +244,7 @@ def targets(labels: Sequence[int]) -> int:
     return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
 
 
-def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[str]) -> tuple[Any, Any]:
+def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[bytes | str]) -> tuple[Any, Any]:
     """(examples, rows) Arrow tables of kept examples and their conversations (as JSON text), in the
     cache's schema."""
     columns = {
