@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
             "workdir": str(workdir),
             "sizes": args.scale_rows[:1] if quick else args.scale_rows,
             "num_proc": args.scale_num_proc,
+            "repeat": args.repeat,
         }
         result["data_scale"], result["data_scale_quick"] = data_scale(spec, call), quick
         _write(args.out, result)

@@ -4,12 +4,16 @@ through the whole pipeline into the Arrow cache, each size in fresh processes so
 Per size: processing seconds, rows/s and tokens/s, peak RSS of the process that prepares the data and of its
 largest tokenizing worker, the seconds and RSS of a cached reload in a new process, and the tokenizer-only
 ceiling on the same rows (every distinct segment text through the batched tokenizer call with its own
-threads, in chunks as data preparation makes it), with the ratio of the two.
+threads, in chunks as data preparation makes it), with the ratio of the two. With `repeat` > 1 both run that
+many times in turn, each preparation into a fresh cache: this machine's speed moves by a third within
+minutes, so the ratio is the median of each round's own (a preparation and the ceiling right after it).
 """
 
 from __future__ import annotations
 
 import resource
+import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +34,18 @@ def _datamodule(spec: dict[str, Any]) -> tuple[Any, Any]:
         "val_path": None,
         "test_path": None,
         "format": "alpaca",
-        "cache_dir": str(workdir / f"scale-cache-{spec['rows']}"),
+        "cache_dir": str(_cache_dir(spec)),
         "max_drop_ratio": 1.0,
     }
     if spec.get("num_proc"):
         settings["num_proc"] = spec["num_proc"]
     return p, build.datamodule(p, setup=False, **settings)
+
+
+def _cache_dir(spec: dict[str, Any]) -> Path:
+    """Each round's own cache; round 0's is the one the reload reads."""
+    suffix = f"-{spec['round']}" if spec.get("round") else ""
+    return Path(spec["workdir"]) / f"scale-cache-{spec['rows']}{suffix}"
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
@@ -77,35 +87,42 @@ def tokenizer_ceiling(spec: dict[str, Any], chunk: int = 10_000) -> dict[str, An
 
 
 def data_scale(spec: dict[str, Any], call: Any) -> list[dict[str, Any]]:
-    """The table: for each of spec["sizes"], write the rows, then prepare / reload / ceiling, each in a fresh
-    process through `call` (run.call)."""
+    """The table: for each of spec["sizes"], write the rows, then `repeat` rounds of preparation and the
+    ceiling, then a reload of the first round's cache, each in a fresh process through `call` (run.call).
+    Seconds are medians over the rounds, peak RSS the largest."""
     workdir = Path(spec["workdir"])
     table = []
     for rows in spec["sizes"]:
         path = gen.write_jsonl(gen.iter_alpaca_rows(rows), workdir / f"scale-{rows}.jsonl")
         one = {**spec, "rows": rows, "path": str(path)}
-        first = call("scale:prepare", one)
+        rounds = []
+        for k in range(spec.get("repeat", 1)):
+            prepared = call("scale:prepare", {**one, "round": k})
+            rounds.append({**prepared, **call("scale:tokenizer_ceiling", {**one, "round": k})})
+            if k:
+                shutil.rmtree(_cache_dir({**one, "round": k}))
         reload = call("scale:prepare", one)
-        ceiling = call("scale:tokenizer_ceiling", one)
-        rows_s = rows / first["seconds"]
-        ceiling_rows_s = first["kept"] / ceiling["tokenizer_s"]
+        first = rounds[0]
+        seconds = statistics.median(r["seconds"] for r in rounds)
+        ceiling_s = statistics.median(r["tokenizer_s"] for r in rounds)
         table.append(
             {
                 "rows": rows,
                 "file_mb": path.stat().st_size / 2**20,
                 "kept": first["kept"],
                 "tokens": first["tokens"],
-                "seconds": first["seconds"],
-                "rows_per_s": rows_s,
-                "tokens_per_s": first["tokens"] / first["seconds"],
-                "peak_rss_mb": first["peak_rss_mb"],
+                "seconds": seconds,
+                "rows_per_s": rows / seconds,
+                "tokens_per_s": first["tokens"] / seconds,
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
                 "rss_before_mb": first["rss_before_mb"],
-                "worker_peak_rss_mb": first["worker_peak_rss_mb"],
+                "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] or 0 for r in rounds) or None,
                 "num_proc": first["num_proc"],
                 "reload_s": reload["seconds"],
                 "reload_peak_rss_mb": reload["peak_rss_mb"],
-                "tokenizer_rows_per_s": ceiling_rows_s,
-                "of_ceiling": first["kept"] / first["seconds"] / ceiling_rows_s,
+                "tokenizer_rows_per_s": first["kept"] / ceiling_s,
+                "of_ceiling": statistics.median(r["tokenizer_s"] / r["seconds"] for r in rounds),
+                "rounds": [{"seconds": r["seconds"], "tokenizer_s": r["tokenizer_s"]} for r in rounds],
             }
         )
         path.unlink()
@@ -113,9 +130,10 @@ def data_scale(spec: dict[str, Any], call: Any) -> list[dict[str, Any]]:
 
 
 def render_table(table: list[dict[str, Any]]) -> list[str]:
+    rounds = len(table[0].get("rounds", [None])) if table else 1  # a table stored before rounds: one
     lines = [
         "",
-        "data at scale (generated alpaca rows; fresh processes per size):",
+        f"data at scale (generated alpaca rows; fresh processes per size; medians of {rounds} round(s)):",
         f"{'rows':>9} {'file MB':>8} {'prep s':>7} {'rows/s':>7} {'tok/s':>8} {'peak MB':>8} {'(start)':>8} "
         f"{'worker':>7} {'reload s':>8} {'tok-only rows/s':>15} {'of ceil':>7}",
     ]
