@@ -6,11 +6,12 @@ No timing is asserted anywhere: speed is what the benchmark prints, never what a
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import pytest
 import torch
 
-from sftlab.bench import peers
+from sftlab.bench import peers, run
 from sftlab.bench.hardware import FlopModel, flop_model
 from sftlab.bench.ours import run_sftlab
 from sftlab.bench.report import RATIO_TARGETS, summarize, targets
@@ -132,6 +133,35 @@ def test_a_bad_override_stops_the_bench_before_any_runner_naming_it(tmp_path):
     assert not list(tmp_path.iterdir())  # no runner started
     with pytest.raises(SystemExit, match=r"-o data=\[: no viable alternative"):
         main(["--peers", "litgpt", "--workdir", str(tmp_path), "-o", "data=["])
+
+
+def test_the_scratch_directory_goes_when_the_bench_ends_and_stays_named_when_it_fails(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "bench.json"
+    args = ["--only", "--quick", "--out", str(out)]  # no runs: the matmul peak alone
+    main(args)
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a runner failed")
+
+    monkeypatch.setattr(run, "peaks", fails)
+    with pytest.raises(RuntimeError, match="a runner failed"):
+        main(args)
+    (kept,) = tmp_path.glob("sftlab-bench-*")
+    assert f"the scratch directory is kept: {kept}" in capsys.readouterr().err
+    monkeypatch.undo()
+    main([*args, "--workdir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir() and f"runs and data in {tmp_path / 'mine'}" in capsys.readouterr().out
+
+
+def test_a_name_only_does_not_know_stops_the_bench_naming_what_it_knows(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"unknown data_scale; known: iso/bare, iso/sftlab, .*data-scale"):
+        main(["--only", "iso/sftlab", "data_scale", "--quick"])
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing left
 
 
 def test_a_runner_error_reaches_the_parent_with_its_type_and_message():

@@ -650,15 +650,13 @@ def pool(rounds: list[Row]) -> Row:
 
 
 def main(args: Any, call: Callable[[str, dict], dict]) -> dict:
-    """`sftlab-bench --peers [NAME ...]`: args from bench/run.py (peers, repeat, override, workdir, out);
-    `call` runs a `module:function` in a spawned process."""
-    import tempfile
-
+    """`sftlab-bench --peers [NAME ...]`: args from bench/run.py (peers, repeat, override, out, and the
+    scratch directory workdir); `call` runs a `module:function` in a spawned process."""
     names = list(args.peers) or list(FRAMEWORKS)
     unknown = [n for n in names if n not in FRAMEWORKS]
     if unknown:
         raise SystemExit(f"sftlab-bench --peers: unknown {unknown}; known: {', '.join(FRAMEWORKS)}")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-peers-")).resolve()
+    workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path("bench-peers.json" if args.out == "bench.json" else args.out)
     root = peers_dir()
@@ -712,7 +710,7 @@ def main(args: Any, call: Callable[[str, dict], dict]) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(result["table"])
     print(f"\nload average at start {result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}")
-    print(f"written {out} ({result['total_s']:.0f} s; runs in {workdir})")
+    print(f"written {out} ({result['total_s']:.0f} s)")
     return result
 
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = build.compose(args.override, tempfile.mkdtemp(prefix="sftlab-profile-"))
+    with tempfile.TemporaryDirectory(prefix="sftlab-profile-") as scratch:  # compose's run dir, left unused
+        cfg = build.compose(args.override, scratch)
     p = build.parts(cfg)
     dm = build.datamodule(p)
     batches = list(itertools.islice(dm.train_dataloader(), args.steps + 1))

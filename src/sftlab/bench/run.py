@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ MISTRAL_7B_SHAPES = (
     "num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 8, max_position_embeddings: 32768, "
     "tie_word_embeddings: false}"
 )
+# What `--only` takes besides the runs' names, each a `wanted(args, NAME)` section of `_bench`.
+SECTIONS = ("data-prep", "data-scale", "data-audit", "loss-memory", "first-step", "cli-latency")
 GPU_OVERRIDES = [
     "model=tiny_random",
     MISTRAL_7B_SHAPES,
@@ -77,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        help="only these runs: names as in the table, data-prep, data-scale, data-audit, loss-memory, "
-        "first-step, cli-latency",
+        help=f"only these runs: names as in the table, {', '.join(SECTIONS)} (none named: the matmul peak "
+        "alone)",
     )
     ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
     ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
@@ -126,6 +129,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.audit_rows = min(args.audit_rows, 500)
         args.scale_rows = [min(n, 2000) for n in args.scale_rows[:1]]
     return args
+
+
+def check_only(args: argparse.Namespace) -> None:
+    """A name `--only` does not know stops the bench before it starts (a typo would otherwise run nothing
+    and print an empty table)."""
+    if not args.only or args.peers is not None:
+        return
+    with tempfile.TemporaryDirectory(prefix="sftlab-bench-") as scratch:
+        every = argparse.Namespace(**{**vars(args), "only": None})
+        runs = [name for name, _, _ in plan(every, Path(scratch))]
+    unknown = [name for name in args.only if name not in {*runs, *SECTIONS}]
+    if unknown:
+        raise SystemExit(
+            f"sftlab-bench --only: unknown {', '.join(unknown)}; known: {', '.join([*runs, *SECTIONS])}"
+        )
 
 
 def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, dict]]:
@@ -312,17 +330,38 @@ def main(argv: list[str] | None = None) -> dict:
         build.compose(args.override)
     except HydraException as err:
         raise SystemExit(f"sftlab-bench: -o {' -o '.join(args.override)}: {err}") from None
-    if args.peers is not None:
-        from sftlab.bench import frameworks
+    check_only(args)
+    # A temporary scratch directory (data caches of up to gigabytes, the peers' runs) is removed when the
+    # bench ends, kept and named when it fails; `--workdir DIR` keeps it either way.
+    keep = args.workdir is not None
+    prefix = "sftlab-peers-" if args.peers is not None else "sftlab-bench-"
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    try:
+        if args.peers is not None:
+            from sftlab.bench import frameworks
 
-        return frameworks.main(args, call)
+            result = frameworks.main(args, call)
+        else:
+            result = _bench(args, argv)
+    except BaseException:
+        print(f"sftlab-bench: the scratch directory is kept: {args.workdir}", file=sys.stderr)
+        raise
+    if keep:
+        print(f"runs and data in {args.workdir}")
+    else:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return result
+
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Every measurement but the peers', in the scratch directory `args.workdir`."""
     # OMP_WAIT_POLICY is left as `python train.py` runs (OpenMP threads spin briefly between parallel
     # regions, then sleep). PASSIVE (sleep at once) made every 2-thread step 25-35 % slower on a quiet
     # machine, since a training step is thousands of small parallel regions; ACTIVE (spin forever) let this
     # parent's idle threads take a core from the runners: 3x slower.
     if args.threads:
         torch.set_num_threads(args.threads)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
+    workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     device = pick_device()

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build.compose(args.override, tempfile.mkdtemp(prefix="sftlab-shapes-"))
+    with tempfile.TemporaryDirectory(prefix="sftlab-shapes-") as scratch:  # compose's run dir, left unused
+        cfg = build.compose(args.override, scratch)
     config = AutoConfig.from_pretrained(model_source(cfg.model))
     peak, _ = matmul_peak(torch.bfloat16)
     rate = shape_rate(step_shapes(skeleton(config), args.tokens))
