@@ -15,7 +15,7 @@ from sftlab.bench import peers, run
 from sftlab.bench.hardware import FlopModel, flop_model
 from sftlab.bench.ours import run_sftlab
 from sftlab.bench.report import RATIO_TARGETS, summarize, targets
-from sftlab.bench.run import _portable, main, plan, pooled
+from sftlab.bench.run import _portable, main, parse_args, plan, pooled
 from sftlab.bench.stats import Record, Step, batch_counts, example_lengths, median_rate, padding_efficiency
 from sftlab.data.tokenize import IGNORE_INDEX
 
@@ -155,6 +155,14 @@ def test_the_scratch_directory_goes_when_the_bench_ends_and_stays_named_when_it_
     monkeypatch.undo()
     main([*args, "--workdir", str(tmp_path / "mine")])
     assert (tmp_path / "mine").is_dir() and f"runs and data in {tmp_path / 'mine'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [["--repeat", "0"], ["--scale-rows", "1000", "0"], ["--warmup", "-1"]])
+def test_a_count_below_its_least_is_refused_naming_the_option(option, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(option)
+    assert f"argument {option[0]}: {option[-1]} (use an integer >= " in capsys.readouterr().err
+    assert parse_args(["--warmup", "0", "--repeat", "1"]).warmup == 0
 
 
 def test_a_name_only_does_not_know_stops_the_bench_naming_what_it_knows(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -57,6 +58,20 @@ GPU_OVERRIDES = [
 ]
 
 
+def count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least`, or argparse's own error naming the option (a zero
+    `--repeat` or row count otherwise failed minutes later, deep in the bench)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} (use an integer >= {least})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="sftlab-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -66,11 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="Hydra override for every runner, e.g. -o model=tiny_random (repeatable)",
     )
-    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
-    ap.add_argument("--steps", type=int, default=8, help="measured optimizer steps per runner (default 8)")
+    ap.add_argument("--warmup", type=count(0), default=3, help="optimizer steps before measuring (default 3)")
+    ap.add_argument(
+        "--steps", type=count(1), default=8, help="measured optimizer steps per runner (default 8)"
+    )
     ap.add_argument(
         "--repeat",
-        type=int,
+        type=count(1),
         default=1,
         help="rounds: every runner runs once per round, in turn, and the medians pool the measured steps of "
         "all rounds, so a neighbour's burst of load during one runner cannot tilt a ratio (default 1)",
@@ -83,20 +100,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"only these runs: names as in the table, {', '.join(SECTIONS)} (none named: the matmul peak "
         "alone)",
     )
-    ap.add_argument("--varied-rows", type=int, default=600, help="size of the generated varied-length set")
-    ap.add_argument("--prep-rows", type=int, default=10_000, help="alpaca rows to prepare")
+    ap.add_argument(
+        "--varied-rows", type=count(1), default=600, help="size of the generated varied-length set"
+    )
+    ap.add_argument("--prep-rows", type=count(1), default=10_000, help="alpaca rows to prepare")
     ap.add_argument(
         "--scale-rows",
-        type=int,
+        type=count(1),
         nargs="+",
         default=[10_000, 100_000],
         help="row counts for data-scale (default 10000 100000; add 1000000 where time allows)",
     )
-    ap.add_argument("--scale-num-proc", type=int, default=None, help="data.num_proc for data-scale")
-    ap.add_argument("--audit-rows", type=int, default=100_000, help="alpaca rows for the data audit's time")
+    ap.add_argument("--scale-num-proc", type=count(1), default=None, help="data.num_proc for data-scale")
+    ap.add_argument(
+        "--audit-rows", type=count(1), default=100_000, help="alpaca rows for the data audit's time"
+    )
     ap.add_argument(
         "--loss-targets",
-        type=int,
+        type=count(1),
         default=2048,
         help="target tokens of the loss-memory figure, above its chunk size of 1024 (default 2048)",
     )
@@ -107,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--threads",
-        type=int,
+        type=count(1),
         default=None,
         help="torch threads in every runner and the matmul peak (default: torch's choice, the cores)",
     )
