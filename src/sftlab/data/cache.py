@@ -244,7 +244,7 @@ def targets(labels: Sequence[int]) -> int:
     return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
 
 
-def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[bytes | str]) -> tuple[Any, Any]:
+def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[bytes]) -> tuple[Any, Any]:
     """(examples, rows) Arrow tables of kept examples and their conversations (as JSON text), in the
     cache's schema."""
     columns = {

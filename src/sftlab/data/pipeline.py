@@ -81,7 +81,7 @@ def dedupe(conversations: list[Conversation]) -> tuple[list[Conversation], int]:
     """Exact duplicates (same messages) after format conversion; the first occurrence is kept."""
     seen, out = set(), []
     for conv in conversations:
-        key = json.dumps(conv, sort_keys=True, ensure_ascii=False)
+        key = to_json(conv, sort_keys=True)  # the text `_dedupe_key` hashes
         if key not in seen:
             seen.add(key)
             out.append(conv)
