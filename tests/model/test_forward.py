@@ -19,7 +19,7 @@ from sftlab.model.load import load_model
 from sftlab.training.module import SFTModule
 
 
-def _batch(tokenizer) -> dict[str, torch.Tensor]:
+def two_rows(tokenizer) -> dict[str, torch.Tensor]:
     ids = tokenizer(
         ["The quick brown fox jumps over the lazy dog", "Hello there, how are you today?"],
         padding=True,
@@ -58,14 +58,14 @@ def _grads(tiny_cfg, tiny_model_dir, batch, mode) -> dict[str, torch.Tensor | No
 
 @pytest.fixture(scope="module")
 def reference(tiny_cfg, tiny_model_dir, tokenizer):
-    return _grads(tiny_cfg, tiny_model_dir, _batch(tokenizer), False)
+    return _grads(tiny_cfg, tiny_model_dir, two_rows(tokenizer), False)
 
 
 @pytest.mark.parametrize("mode", [True, "non_reentrant", "reentrant"])
 def test_every_lora_weight_gets_the_same_gradient_with_checkpointing(
     mode, reference, tiny_cfg, tiny_model_dir, tokenizer
 ):
-    grads = _grads(tiny_cfg, tiny_model_dir, _batch(tokenizer), mode)
+    grads = _grads(tiny_cfg, tiny_model_dir, two_rows(tokenizer), mode)
     assert grads.keys() == reference.keys() and len(grads) > 0
     for name, grad in grads.items():
         assert grad is not None and grad.abs().max() > 0, name
@@ -75,7 +75,7 @@ def test_every_lora_weight_gets_the_same_gradient_with_checkpointing(
 def test_control_reentrant_without_input_grads_loses_the_lora_gradients(tiny_cfg, tiny_model_dir, tokenizer):
     # Every LoRA weight sits in a checkpointed layer, so nothing in the graph requires grad any more.
     with pytest.raises(RuntimeError, match="does not require grad"):
-        _grads(tiny_cfg, tiny_model_dir, _batch(tokenizer), "reentrant_without_input_grads")
+        _grads(tiny_cfg, tiny_model_dir, two_rows(tokenizer), "reentrant_without_input_grads")
 
 
 def test_module_enables_it_from_config(tiny_cfg, tiny_model_dir):
@@ -96,7 +96,7 @@ def _loss_and_grads(model, batch, chunk_size) -> tuple[torch.Tensor, dict[str, t
 
 @pytest.mark.parametrize("kind", ["full_tied_head", "lora", "softcap"])
 def test_chunked_loss_and_gradients_equal_the_unchunked_ones(kind, tiny_cfg, tiny_model_dir, tokenizer):
-    batch = _batch(tokenizer)
+    batch = two_rows(tokenizer)
     if kind == "lora":
         model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
     else:  # every weight trains, the head tied to the embedding: its gradient comes from both ends
@@ -137,39 +137,3 @@ def test_chunks_keep_no_logits_for_backward(tiny_cfg, tiny_model_dir):
 
     assert widest_saved(None) == vocab
     assert widest_saved(8) < vocab
-
-
-def _autocast_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_sum, n = token_loss_sum(model, batch, chunk_size=4)  # the head's recompute casts too
-    (loss_sum / n).backward()
-    return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
-def test_cached_bf16_copies_of_frozen_weights_give_identical_loss_and_lora_gradients(
-    tiny_cfg, tiny_model_dir, tokenizer
-):
-    from sftlab.model.forward import CastCachingLinear, cache_frozen_casts, drop_cast_copies
-
-    batch = _batch(tokenizer)
-    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
-    model.train()
-    loss, grads = _autocast_grads(model, batch)  # autocast casting the fp32 weights in every forward
-    assert cache_frozen_casts(model) == 1 + 7 * unwrap(model).config.num_hidden_layers  # head + 7 per layer
-    for _ in range(2):  # the second pass reads the copies made in the first
-        cached_loss, cached = _autocast_grads(model, batch)
-        assert torch.equal(cached_loss, loss)
-        assert cached.keys() == grads.keys() and all(torch.equal(cached[k], grads[k]) for k in grads)
-    layer = unwrap(model).model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(layer, CastCachingLinear) and layer._cast[1].dtype == torch.bfloat16
-    assert not any("_cast" in k for k in model.state_dict())
-    # A changed weight (a merge, an in-place update) is cast again, not served from the stale copy.
-    x = torch.randn(3, layer.in_features)
-    with torch.no_grad():
-        layer.weight.mul_(2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))  # no autocast: fp32 as stored
-    drop_cast_copies(model)
-    assert layer._cast is None

@@ -7,7 +7,7 @@ import torch
 
 from sftlab.model.forward import token_loss_sum
 from sftlab.training.module import SFTModule
-from tests.model.test_forward import _batch, lora_model
+from tests.model.test_forward import lora_model, two_rows
 
 
 def _loss_and_grads(model: torch.nn.Module, batch: dict, decoder=None) -> tuple[float, dict]:
@@ -21,7 +21,7 @@ def test_compiled_training_step_matches_eager(tiny_cfg, tiny_model_dir, tokenize
     model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
     module = SFTModule(model, optimizer=torch.optim.SGD, compile=True)
     assert SFTModule(model, optimizer=torch.optim.SGD)._train_decoder is None  # off by default
-    batch = _batch(tokenizer)
+    batch = two_rows(tokenizer)
     eager_loss, eager = _loss_and_grads(model, batch)
     for cut in (None, -2):  # a second, shorter batch: dynamic shapes, no error
         part = batch if cut is None else {k: v[:, :cut] for k, v in batch.items()}

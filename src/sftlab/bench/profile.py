@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 from sftlab import build
 from sftlab.bench import runner
 from sftlab.bench.peers import _autocast
-from sftlab.model.forward import cache_frozen_casts, token_loss_sum
+from sftlab.model.forward import token_loss_sum
+from sftlab.model.layers import fast_training_layers
 
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     dm = build.datamodule(p)
     batches = list(itertools.islice(dm.train_dataloader(), args.steps + 1))
     model, _ = build.adapted_model(p)
-    cache_frozen_casts(model)  # as SFTModule does for training
+    fast_training_layers(model)  # as SFTModule does for training
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params)

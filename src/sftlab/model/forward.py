@@ -97,51 +97,6 @@ def chunked_head_loss(
     return total
 
 
-class CastCachingLinear(torch.nn.Linear):
-    """A frozen `nn.Linear` that, under autocast, multiplies with a low-precision copy of its weight made once
-    instead of in every forward.
-
-    Autocast caches the casts of weights that require grad only; a frozen base weight is cast from fp32 to
-    bf16 anew in every forward, and again in each recomputation, which measured 18 % of a CPU training step
-    of the default run. The copy is what autocast would make (the same `.to(dtype)`), so outputs and
-    gradients are bit-identical; fp32 stays the stored weight, so evaluation, saving and merging without
-    autocast read what they always read. The copy is made again when the weight changes (in-place update,
-    merge, device move: its version or storage differs), and it is a plain attribute, never in a state dict.
-    """
-
-    _cast: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = self.weight.device.type
-        if not torch.is_autocast_enabled(device) or self.weight.requires_grad:
-            return F.linear(x, self.weight, self.bias)
-        dtype = torch.get_autocast_dtype(device)
-        key = (dtype, self.weight.data_ptr(), self.weight._version, self.weight.device)
-        if self._cast is None or self._cast[0] != key:
-            bias = None if self.bias is None else self.bias.detach().to(dtype)
-            self._cast = (key, self.weight.detach().to(dtype), bias)
-        return F.linear(x, self._cast[1], self._cast[2])
-
-
-def cache_frozen_casts(model: torch.nn.Module) -> int:
-    """Make every frozen plain `nn.Linear` of `model` (the base layers under LoRA, a frozen head) a
-    `CastCachingLinear`, in place; returns how many. Trainable linears keep autocast's own cast cache."""
-    count = 0
-    for module in unwrap(model).modules():
-        frozen = all(not p.requires_grad for p in module.parameters(recurse=False))
-        if type(module) is torch.nn.Linear and frozen:
-            module.__class__ = CastCachingLinear
-            count += 1
-    return count
-
-
-def drop_cast_copies(model: torch.nn.Module) -> None:
-    """Free the low-precision copies (they are remade on the next autocast forward)."""
-    for module in model.modules():
-        if isinstance(module, CastCachingLinear):
-            module._cast = None
-
-
 def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
     """`True`/"non_reentrant" (recommended) or "reentrant" activation checkpointing of the decoder layers.
 

@@ -46,14 +46,8 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 
 from sftlab.errors import SFTLabError
-from sftlab.model.forward import (
-    DEFAULT_LOSS_CHUNK,
-    cache_frozen_casts,
-    drop_cast_copies,
-    enable_gradient_checkpointing,
-    token_loss_sum,
-    unwrap,
-)
+from sftlab.model.forward import DEFAULT_LOSS_CHUNK, enable_gradient_checkpointing, token_loss_sum, unwrap
+from sftlab.model.layers import drop_cast_copies, fast_training_layers
 from sftlab.training.checkpoint import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -106,8 +100,8 @@ class SFTModule(pl.LightningModule):
         # rather than each paying minutes of compiling. A function, not a module: not in the state dict.
         decoder = unwrap(model).get_decoder()
         self._train_decoder = torch.compile(decoder.forward, dynamic=True) if compile else None
-        if not compile:  # a compiled step fuses the casts itself
-            cache_frozen_casts(model)
+        if not compile:  # a compiled step fuses these operations itself
+            fast_training_layers(model)
         self.loss_chunk_size = loss_chunk_size
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
