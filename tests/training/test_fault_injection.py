@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,6 +22,7 @@ SEED = 0
 DURING_SAVE = ("+callbacks.bomb._target_=tests.training.test_checkpoint.KillDuringSecondSave",)
 
 
+@pytest.mark.slow  # 77 s of six runs; test_resume's SIGKILL test keeps kill-and-resume in the fast suite
 def test_five_random_kills_one_inside_a_checkpoint_write_resume_to_the_same_adapter(tmp_path):
     data = small_iso_data(tmp_path)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
