@@ -20,13 +20,18 @@ from tests.model.test_generate import CONVS
 def test_text_metrics_exact_values():
     assert metrics.repeated_ngram_rate("a b c a b c a b c", n=3) == pytest.approx(1 - 3 / 7)
     assert metrics.repeated_ngram_rate("one two", n=3) == 0.0
-    scores = metrics.corpus_text_metrics(["the cat sat on the mat", "x"], ["the cat sat on the mat", "y"])
-    assert scores["rougeL"] == pytest.approx(0.5) and scores["chrf"] < 1.0
-    same = metrics.corpus_text_metrics(["2021-03-05"], ["2021-03-05"], ["chrf"])
-    assert same == {"chrf": pytest.approx(1.0)}
-    assert metrics.per_example_text_metrics(["a b"], ["a c"], ["rougeL", "bleu"]) == [{"rougeL": 0.5}]
+    preds, refs = ["the cat sat on the mat", "x", "2021-03-05"], ["the cat sat on the mat", "y", "2021-03-15"]
+    scores, per_example = metrics.text_metrics(preds, refs)
+    assert [row["rougeL"] for row in per_example] == [1.0, 0.0, 0.6667]  # 2 of the 3 words of a date
+    assert scores["rougeL"] == pytest.approx(5 / 9, abs=1e-6)  # the mean over examples
+    assert [row["chrf"] for row in per_example] == [1.0, 0.0, 0.7348] and "bleu" not in per_example[0]
+    assert 0.7348 < scores["chrf"] < 1.0  # pooled n-gram counts, not the mean
+    # One call gives the sentence scores: each is what the example scores alone.
+    alone = [metrics.text_metrics([p], [r], ["chrf"]) for p, r in zip(preds, refs, strict=True)]
+    assert [c["chrf"] for c, _ in alone] == pytest.approx([row["chrf"] for row in per_example], abs=1e-4)
+    assert metrics.text_metrics(["a b"], ["a c"], ["rougeL", "bleu"])[1] == [{"rougeL": 0.5}]
     with pytest.raises(ConfigError, match="text_metrics"):
-        metrics.corpus_text_metrics(["a"], ["a"], ["meteor"])
+        metrics.text_metrics(["a"], ["a"], ["meteor"])
 
 
 def test_eval_group_is_composable_and_shared_values_apply():

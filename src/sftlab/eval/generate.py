@@ -132,13 +132,13 @@ class GenerationEval:
         # Records written before reasoning was split out have no "answer": their output is the answer.
         preds = [r.get("answer", r["output"]) for r in records]
         refs = [r["reference"] for r in records]
-        per_example = metrics.per_example_text_metrics(preds, refs, self.text_metrics)
+        corpus, per_example = metrics.text_metrics(preds, refs, self.text_metrics)
         for rec, scores in zip(records, per_example, strict=True):
             rec.update(scores)
         n = len(records)
         return {
             "exact_match": sum(r["exact_match"] for r in records) / n,
-            **metrics.corpus_text_metrics(preds, refs, self.text_metrics),
+            **corpus,
             "no_stop_rate": sum(not r["stopped"] for r in records) / n,
             "mean_new_tokens": sum(r["new_tokens"] for r in records) / n,
             "n": n,
