@@ -30,11 +30,12 @@ def two_rows(tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "labels": labels}
 
 
-def lora_model(tiny_cfg, tiny_model_dir, dropout: float) -> torch.nn.Module:
-    """The tiny model with seeded LoRA weights, B non-zero (at zero, every A gradient would be zero)."""
+def lora_model(tiny_cfg, tiny_model_dir, dropout: float, **options) -> torch.nn.Module:
+    """The tiny model with seeded LoRA weights, B non-zero (at zero, every A gradient would be zero);
+    `options` are further `LoRA` fields (use_dora, ...)."""
     torch.manual_seed(0)
     base = load_model(tiny_cfg.model, tiny_model_dir)
-    model = LoRA(r=4, lora_alpha=8, lora_dropout=dropout).apply(base)
+    model = LoRA(**{"r": 4, "lora_alpha": 8, "lora_dropout": dropout, **options}).apply(base)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -4,6 +4,8 @@ leaves every case it does not cover to peft's own forward, unchanged."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -76,30 +78,40 @@ def test_fused_lora_node_has_exact_values_and_gradients_in_float64(with_bias):
     assert torch.autograd.gradcheck(fused, (x, a, b))
 
 
-def _autocast_loss_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_grads(model, batch, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss_sum, n = token_loss_sum(model, batch)
     (loss_sum / n).backward()
     return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fused_lora_trains_what_peft_trains_under_autocast(tiny_cfg, tiny_model_dir, tokenizer):
+def _errors(grads: dict, reference: dict) -> dict[str, float]:
+    return {k: float((grads[k] - reference[k]).norm() / reference[k].norm()) for k in reference}
+
+
+# rsLoRA's scale here, 6 / sqrt(4) = 3, is not a power of two: folded into B, it rounds differently
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True, "lora_alpha": 6}], ids=["lora", "rslora"])
+def test_fused_lora_trains_what_peft_trains_under_autocast(options, tiny_cfg, tiny_model_dir, tokenizer):
+    """bf16 rounds the fused node and peft's layers at different points, so neither equals the other; both
+    are compared with the fp32 step. Over LoRA seeds the fused node's error was 0.6 to 1.8 times peft's in
+    the median over tensors and at most 0.055 of a gradient's norm; a gradient off by 10 % fails."""
     batch = two_rows(tokenizer)
-    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0)
+    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.0, **options)
     model.train()
+    _, exact = _loss_grads(model, batch, autocast=False)
     cache_frozen_casts(model)
-    loss, grads = _autocast_loss_grads(model, batch)  # peft's layer
+    loss, grads = _loss_grads(model, batch, autocast=True)  # peft's layer
     assert fuse_lora(model) == 7 * unwrap(model).config.num_hidden_layers
     q_proj = unwrap(model).model.layers[0].self_attn.q_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(q_proj(torch.randn(2, q_proj.in_features)).grad_fn).__name__ == "_LoraMatmulsBackward"
-    fused_loss, fused = _autocast_loss_grads(model, batch)
-    # bf16 keeps 8 bits of mantissa: the two orders of rounding differ by about 2**-8 of a value.
+    fused_loss, fused = _loss_grads(model, batch, autocast=True)
     torch.testing.assert_close(fused_loss, loss, rtol=2e-3, atol=0)
-    assert fused.keys() == grads.keys() and len(grads) == 2 * 7 * unwrap(model).config.num_hidden_layers
-    for name, grad in grads.items():
-        assert (fused[name] - grad).norm() <= 0.02 * grad.norm(), name
+    assert fused.keys() == exact.keys() and len(exact) == 2 * 7 * unwrap(model).config.num_hidden_layers
+    peft_errors, fused_errors = _errors(grads, exact), _errors(fused, exact)
+    assert max(fused_errors.values()) < 0.08, max(fused_errors.items(), key=lambda kv: kv[1])
+    assert statistics.median(fused_errors.values()) < 2 * statistics.median(peft_errors.values())
     # Outside autocast nothing is fused: fp32, bit for bit peft's layer.
     x = torch.randn(2, q_proj.in_features)
     assert torch.equal(q_proj(x), peft_forward(q_proj, x))
@@ -109,9 +121,10 @@ def peft_forward(layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor:
     return PeftLoraLinear.forward(layer, x)
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "two_adapters", "zero3_partitioned"])
+@pytest.mark.parametrize("case", ["dropout", "disabled", "two_adapters", "dora", "zero3_partitioned"])
 def test_fused_lora_leaves_what_it_does_not_cover_to_peft(case, tiny_cfg, tiny_model_dir):
-    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.1 if case == "dropout" else 0.0)
+    options = {"use_dora": True} if case == "dora" else {}
+    model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.1 if case == "dropout" else 0.0, **options)
     if case == "two_adapters":
         model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
         model.base_model.set_adapter(["default", "second"])
