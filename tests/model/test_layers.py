@@ -121,14 +121,16 @@ def peft_forward(layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor:
     return PeftLoraLinear.forward(layer, x)
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "two_adapters", "dora", "zero3_partitioned"])
+@pytest.mark.parametrize(
+    "case", ["eval_mode", "dropout", "disabled", "two_adapters", "dora", "zero3_partitioned"]
+)
 def test_fused_lora_leaves_what_it_does_not_cover_to_peft(case, tiny_cfg, tiny_model_dir):
     options = {"use_dora": True} if case == "dora" else {}
     model = lora_model(tiny_cfg, tiny_model_dir, dropout=0.1 if case == "dropout" else 0.0, **options)
     if case == "two_adapters":
         model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
         model.base_model.set_adapter(["default", "second"])
-    model.train()
+    model.train(case != "eval_mode")  # validation and generation run in eval mode
     fast_training_layers(model)
     layer = unwrap(model).model.layers[0].mlp.down_proj
     assert isinstance(layer, FusedLoraLinear)

@@ -98,11 +98,11 @@ class _LoraMatmuls(torch.autograd.Function):
 
 
 class FusedLoraLinear(LoraLinear):
-    """peft's LoRA `Linear` whose forward, under autocast, over a `CastCachingLinear` base with one active
-    plain adapter and no dropout in effect, is the single `_LoraMatmuls` node. Anything else (no autocast,
-    dropout during training, several adapters, DoRA and other variants, a LoRA bias, merged or disabled
-    adapters, per-row adapter names, a quantized base, ZeRO-3-partitioned weights) runs peft's own forward,
-    unchanged."""
+    """peft's LoRA `Linear` whose forward in training mode, under autocast, over a `CastCachingLinear` base
+    with one active plain adapter and no dropout, is the single `_LoraMatmuls` node. Anything else (eval
+    mode: validation and generation; no autocast; dropout; several adapters; DoRA and other variants; a
+    LoRA bias; merged or disabled adapters; per-row adapter names; a quantized base; ZeRO-3-partitioned
+    weights) runs peft's own forward, unchanged."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = None if args or kwargs else self._fusable(x)
@@ -115,7 +115,11 @@ class FusedLoraLinear(LoraLinear):
 
     def _fusable(self, x: torch.Tensor) -> str | None:
         """The one active adapter's name when the fused node computes what peft's forward does, else None."""
-        if self.disable_adapters or self.merged or not torch.is_autocast_enabled(x.device.type):
+        # Training mode only: validation and generation (eval mode) compute exactly what an adapter loaded
+        # from disk computes, so a run's own evaluation and a later `sftlab-eval` of it agree.
+        if not self.training or self.disable_adapters or self.merged:
+            return None
+        if not torch.is_autocast_enabled(x.device.type):
             return None
         base, active = self.base_layer, self.active_adapters
         if type(base) is not CastCachingLinear or base.weight.requires_grad or len(active) != 1:
@@ -128,8 +132,7 @@ class FusedLoraLinear(LoraLinear):
         weights = (base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
         if any(hasattr(w, "ds_id") for w in weights):
             return None
-        dropout = self.lora_dropout[name]
-        if dropout.training and not isinstance(dropout, torch.nn.Identity):
+        if not isinstance(self.lora_dropout[name], torch.nn.Identity):  # dropout > 0, in training mode
             return None
         return name
 
