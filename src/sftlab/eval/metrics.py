@@ -26,10 +26,8 @@ def _check(names: Sequence[str]) -> None:
         raise ConfigError(f"eval.generate.text_metrics: unknown {unknown}; choose from {list(TEXT_METRICS)}.")
 
 
-def _one(name: str, preds: list[str], refs: list[str]) -> float:
-    if name == "rougeL":
-        return float(rouge_score(preds, refs, rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
-    return float(bleu_score(preds, [[r] for r in refs]))
+def _rouge_l(preds: list[str], refs: list[str]) -> float:
+    return float(rouge_score(preds, refs, rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
 
 
 def text_metrics(
@@ -44,16 +42,17 @@ def text_metrics(
     corpus: dict = {}
     per_example: list[dict] = [{} for _ in preds]
     for name in names:
+        if name == "bleu":
+            corpus[name] = float(bleu_score(preds, [[r] for r in refs]))
+            continue
         if name == "chrf":
             score, sentences = chrf_score(
                 preds, [[r] for r in refs], n_word_order=0, return_sentence_level_score=True
             )
-            corpus[name] = float(score)
-            for row, value in zip(per_example, sentences.tolist(), strict=True):
-                row[name] = round(value, 4)
-            continue
-        corpus[name] = _one(name, preds, refs)
-        if name != "bleu":
-            for row, p, r in zip(per_example, preds, refs, strict=True):
-                row[name] = round(_one(name, [p], [r]), 4)
+            corpus[name], values = float(score), sentences.tolist()
+        else:  # rougeL
+            corpus[name] = _rouge_l(preds, refs)
+            values = [_rouge_l([p], [r]) for p, r in zip(preds, refs, strict=True)]
+        for row, value in zip(per_example, values, strict=True):
+            row[name] = round(value, 4)
     return corpus, per_example
