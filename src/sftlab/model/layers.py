@@ -20,6 +20,7 @@ Unsloth's or Liger's kernels are Triton (GPU only) and replace whole model class
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -137,27 +138,28 @@ class FusedLoraLinear(LoraLinear):
         return name
 
 
+def _swap(model: torch.nn.Module, cls: type, chosen: Callable[[torch.nn.Module], bool]) -> int:
+    """Make every `chosen` module of `model` a `cls`, in place; returns how many."""
+    modules = [m for m in unwrap(model).modules() if chosen(m)]
+    for module in modules:
+        module.__class__ = cls
+    return len(modules)
+
+
 def cache_frozen_casts(model: torch.nn.Module) -> int:
     """Make every frozen plain `nn.Linear` of `model` (the base layers under LoRA, a frozen head) a
     `CastCachingLinear`, in place; returns how many. Trainable linears keep autocast's own cast cache."""
-    count = 0
-    for module in unwrap(model).modules():
-        frozen = all(not p.requires_grad for p in module.parameters(recurse=False))
-        if type(module) is torch.nn.Linear and frozen:
-            module.__class__ = CastCachingLinear
-            count += 1
-    return count
+
+    def frozen_linear(m: torch.nn.Module) -> bool:
+        return type(m) is torch.nn.Linear and not any(p.requires_grad for p in m.parameters(recurse=False))
+
+    return _swap(model, CastCachingLinear, frozen_linear)
 
 
 def fuse_lora(model: torch.nn.Module) -> int:
     """Make every peft LoRA `Linear` of `model` a `FusedLoraLinear`, in place; returns how many. The state
     dict, saving, merging and peft's adapter handling are unchanged (a subclass with no new state)."""
-    count = 0
-    for module in unwrap(model).modules():
-        if type(module) is LoraLinear:
-            module.__class__ = FusedLoraLinear
-            count += 1
-    return count
+    return _swap(model, FusedLoraLinear, lambda m: type(m) is LoraLinear)
 
 
 def fast_training_layers(model: torch.nn.Module) -> tuple[int, int]:
