@@ -11,9 +11,11 @@ import torch
 from sftlab.data.formats import split_prompt
 from sftlab.data.tokenize import encode_conversations, encode_prompt
 from sftlab.model.generate import (
+    SHARED_PREFIX_MIN,
     Sampling,
     generate,
     generate_ids,
+    shared_prefix_length,
     stop_token_ids,
     stream_ids,
     stream_text,
@@ -52,6 +54,35 @@ def test_batched_greedy_equals_one_by_one(lively_model, tokenizer, chatml):
     # Batches are formed in prompt-length order; the results still come back in the caller's order.
     backwards = generate(lively_model, tokenizer, chatml, HISTORIES[::-1], max_new_tokens=12, batch_size=8)
     assert backwards == one[::-1]
+
+
+def test_a_shared_prompt_prefix_runs_once_and_decodes_as_each_row_alone(lively_model, tokenizer, chatml):
+    system = {"role": "system", "content": "You answer in one short line, with no preamble and no apology."}
+    histories = [[system, *h[-1:]] for h in HISTORIES]
+    prompts = [encode_prompt(h, chatml, tokenizer) for h in histories]
+    shared = shared_prefix_length(prompts)
+    assert shared >= SHARED_PREFIX_MIN and len({len(p) for p in prompts}) > 2  # rows really padded
+    assert tokenizer.decode(prompts[0][:shared]).startswith("<|im_start|>system\nYou answer in one short")
+    seen = []  # the tokens of each model call, as the embedding receives them
+    hook = lively_model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        batched = generate(lively_model, tokenizer, chatml, histories, max_new_tokens=12, batch_size=8)
+    finally:
+        hook.remove()
+    one = generate(lively_model, tokenizer, chatml, histories, max_new_tokens=12, batch_size=1)
+    assert batched == one and len({o["text"] for o in one}) == len(histories)
+    # The prefix once as a row of its own, then the rest of every prompt, left-padded, then one token a row.
+    width = max(len(p) for p in prompts) - shared
+    assert seen[0].tolist() == [prompts[0][:shared]]
+    assert seen[1].shape == (len(prompts), width) and seen[2].shape == (len(prompts), 1)
+
+
+def test_shared_prefix_length_leaves_every_row_a_token_and_skips_short_prefixes():
+    long, short = list(range(100, 100 + SHARED_PREFIX_MIN)), list(range(100, 99 + SHARED_PREFIX_MIN))
+    assert shared_prefix_length([[*long, 1, 2], [*long, 1, 3]]) == SHARED_PREFIX_MIN + 1
+    assert shared_prefix_length([[*long, 1], [*long, 1, 3]]) == SHARED_PREFIX_MIN  # the shorter keeps one
+    assert shared_prefix_length([[*short, 1], [*short, 2]]) == 0  # too short to pay
+    assert shared_prefix_length([[*long, 1, 2]]) == 0  # one row: nothing to share
 
 
 def _manual_greedy(model, prefix: list[int], steps: int, stops: list[int]) -> list[int]:

@@ -24,7 +24,9 @@ greedy is the argmax, whatever sampling defaults a checkpoint ships.
 Prompts are the template's `generation_prompt`, tokenized exactly as in training (tokenize.encode_prompt), so
 the model is asked in the form it was trained on. In a batch, prompts are left-padded and the position ids
 follow the attention mask, so a padded row decodes exactly as it would alone (a test checks batched ==
-one-by-one).
+one-by-one). The tokens every prompt of a batch starts with (the system prompt, a tool list, the template's
+header) run through the model once, and their KV cache is copied to every row, as vLLM's prefix caching
+does within a batch; the rows' own tokens follow.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class Sampling:
 
 
 GREEDY = Sampling()
+
+# Shared prompt tokens below which a batch is prefilled whole: one more model call costs more than a few
+# tokens per row save (on a GPU, a call is launch-bound at these sizes).
+SHARED_PREFIX_MIN = 16
 
 
 def stop_token_ids(template: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -84,6 +90,19 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) 
     return input_ids, attention
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Leading tokens every prompt of the batch has in common, when computing them once for all rows pays:
+    0 for a single prompt or fewer than SHARED_PREFIX_MIN tokens. At least one token of each prompt is left
+    out, so every row's last prompt token runs in the batched call that gives its first logits."""
+    if len(prompts) < 2:
+        return 0
+    n = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for prompt in prompts[1:]:
+        n = next((i for i in range(n) if prompt[i] != first[i]), n)
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
 @torch.no_grad()
 def _steps(
     model: torch.nn.Module,
@@ -102,13 +121,25 @@ def _steps(
     params = inspect.signature(unwrap(model).forward).parameters
     cache_key = "cache" if "cache" in params else "past_key_values"  # renamed during transformers 5.x
     kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
-    input_ids, attention = _left_pad(prompts, pad, device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     stop_set, live = set(stops), [True] * len(prompts)
     was_training = model.training
     model.eval()
     try:
+        shared = shared_prefix_length(prompts)
+        if shared:
+            out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), **kwargs)
+            cache = out[cache_key]
+            if hasattr(cache, "batch_repeat_interleave"):
+                cache.batch_repeat_interleave(len(prompts))
+                kwargs[cache_key] = cache
+            else:  # a cache that cannot be copied per row: every row computes its whole prompt
+                shared = 0
+        input_ids, attention = _left_pad([p[shared:] for p in prompts], pad, device)
+        # The prefix sits left of every row's padding: [prefix | pads | rest of the prompt]. Positions follow
+        # the mask, so each token has the position it has alone, and the pads are masked like any padding.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0) + shared
+        attention = torch.cat([attention.new_ones(len(prompts), shared), attention], dim=1)
         for _ in range(max_new_tokens):
             out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs)
             picked = pick(out.logits[:, -1], sampling, generator).tolist()
