@@ -74,7 +74,9 @@ def stop_token_ids(template: ChatTemplate | None, tokenizer: PreTrainedTokenizer
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of each row of `logits` (batch x vocab)."""
     if sampling.temperature <= 0:
-        return logits.argmax(-1)
+        # max's indices are argmax's (the first maximal value, documented for both), but on a CPU argmax runs
+        # as a scalar loop: 8.6 against 2.6 ms over 64 rows of a 49k bf16 vocabulary, once per decoding step.
+        return logits.max(-1).indices
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
