@@ -15,6 +15,7 @@ from sftlab.model.generate import (
     Sampling,
     generate,
     generate_ids,
+    keys_and_values_only,
     shared_prefix_length,
     stop_token_ids,
     stream_ids,
@@ -83,6 +84,18 @@ def test_shared_prefix_length_leaves_every_row_a_token_and_skips_short_prefixes(
     assert shared_prefix_length([[*long, 1], [*long, 1, 3]]) == SHARED_PREFIX_MIN  # the shorter keeps one
     assert shared_prefix_length([[*short, 1], [*short, 2]]) == 0  # too short to pay
     assert shared_prefix_length([[*long, 1, 2]]) == 0  # one row: nothing to share
+
+
+def test_only_a_cache_of_keys_and_values_is_copied_to_the_rows():
+    from transformers import DynamicCache, FalconH1Config, LlamaConfig, MistralConfig, Qwen3NextConfig
+
+    small = {"num_hidden_layers": 4, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 8}
+    assert keys_and_values_only(DynamicCache(config=LlamaConfig(**small)))
+    assert keys_and_values_only(DynamicCache(config=MistralConfig(**small, sliding_window=8)))
+    # Linear attention keeps convolution and recurrent states that batch_repeat_interleave does not copy.
+    assert not keys_and_values_only(DynamicCache(config=Qwen3NextConfig(num_hidden_layers=4)))
+    assert not keys_and_values_only(DynamicCache(config=FalconH1Config(num_hidden_layers=4)))
+    assert not keys_and_values_only(None)
 
 
 def _manual_greedy(model, prefix: list[int], steps: int, stops: list[int]) -> list[int]:

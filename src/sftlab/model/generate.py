@@ -34,9 +34,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import encode_prompt
@@ -105,6 +107,15 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n if n >= SHARED_PREFIX_MIN else 0
 
 
+def keys_and_values_only(cache: Any) -> bool:
+    """Whether every layer of a KV cache holds keys and values alone, all of which `batch_repeat_interleave`
+    copies to each row. A linear-attention layer's convolution and recurrent states are not copied by it
+    (a hybrid layer inherits the keys-and-values copy and would silently share one state between rows), or
+    the layer has no copy at all."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+
+
 @torch.no_grad()
 def _steps(
     model: torch.nn.Module,
@@ -132,10 +143,10 @@ def _steps(
         if shared:
             out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), **kwargs)
             cache = out[cache_key]
-            if hasattr(cache, "batch_repeat_interleave"):
+            if keys_and_values_only(cache):
                 cache.batch_repeat_interleave(len(prompts))
                 kwargs[cache_key] = cache
-            else:  # a cache that cannot be copied per row: every row computes its whole prompt
+            else:  # a state the copy would miss: every row computes its whole prompt
                 shared = 0
         input_ids, attention = _left_pad([p[shared:] for p in prompts], pad, device)
         # The prefix sits left of every row's padding: [prefix | pads | rest of the prompt]. Positions follow
