@@ -116,3 +116,23 @@ def test_a_validation_interval_longer_than_an_epoch_fails_before_the_model_loads
     build.check_validation_interval(with_trainer(val_check_interval=6), dm)
     build.check_validation_interval(with_trainer(val_check_interval=7, check_val_every_n_epoch=None), dm)
     build.check_validation_interval(with_trainer(val_check_interval=0.5), dm)
+
+
+def test_a_loaded_run_casts_its_frozen_weights_once_and_generates_as_peft_does(tmp_path):
+    """peft freezes a loaded adapter's model: without the cast cache autocast would cast every frozen weight
+    in every decoding step. The cached copy is the same cast, so the tokens are peft's own."""
+    from sftlab.model.generate import generate_ids, stop_token_ids
+    from sftlab.model.layers import CastCachingLinear
+    from tests.conftest import make_adapter_run
+
+    run_dir, peft_model, tokenizer, template = make_adapter_run(tmp_path / "run", [])
+    run = build.load_run(run_dir)
+    linears = [m for m in run.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is CastCachingLinear for m in linears)
+    assert all(type(m) is torch.nn.Linear for m in peft_model.modules() if isinstance(m, torch.nn.Linear))
+    prompts = [tokenizer("Hello there, how are")["input_ids"], tokenizer("Name three colours")["input_ids"]]
+    stops = stop_token_ids(template, tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = generate_ids(run.model, tokenizer, prompts, stops, max_new_tokens=8)
+        theirs = generate_ids(peft_model, tokenizer, prompts, stops, max_new_tokens=8)
+    assert ours == theirs and any(o["text"] for o in ours)
