@@ -4,7 +4,8 @@ Two replacements, made in place by `fast_training_layers` (SFTModule does it unl
 compiled step fuses these operations itself):
 
 - `CastCachingLinear`: a frozen `nn.Linear` keeps its low-precision copy instead of being cast anew in every
-  forward. Bit-identical to autocast.
+  forward. Bit-identical to autocast. A finished run loaded for inference (build.load_run: eval, chat,
+  serve, review) gets it too, through `cache_frozen_casts`, since peft freezes every weight there.
 - `FusedLoraLinear`: a LoRA-wrapped linear computes `x W^T + b + (x A^T)(s B)^T` as one autograd node
   (`_LoraMatmuls`). peft's layer runs eight operators and autograd nodes per call (two casts of the same
   input, the base matmul, the two LoRA matmuls, the scaling multiply, the add, the final cast), which on a
