@@ -198,6 +198,7 @@ def module(cfg: DictConfig, model: torch.nn.Module) -> SFTModule:
         gradient_checkpointing=cfg.gradient_checkpointing,
         compile=cfg.compile,
         loss_chunk_size=cfg.get("loss_chunk_size"),
+        share_prefix=cfg.get("share_prefix", True),
     )
 
 

@@ -78,6 +78,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "share_prefix": (lambda v: isinstance(v, bool), "true or false"),
     "loss_chunk_size": (lambda v: v is None or _ge1(v), "an integer >= 1 (or null for one chunk)"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

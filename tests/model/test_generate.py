@@ -11,16 +11,14 @@ import torch
 from sftlab.data.formats import split_prompt
 from sftlab.data.tokenize import encode_conversations, encode_prompt
 from sftlab.model.generate import (
-    SHARED_PREFIX_MIN,
     Sampling,
     generate,
     generate_ids,
-    keys_and_values_only,
-    shared_prefix_length,
     stop_token_ids,
     stream_ids,
     stream_text,
 )
+from sftlab.model.prefix import SHARED_PREFIX_MIN, shared_prefix_length
 
 CONVS = [
     [
@@ -76,26 +74,6 @@ def test_a_shared_prompt_prefix_runs_once_and_decodes_as_each_row_alone(lively_m
     width = max(len(p) for p in prompts) - shared
     assert seen[0].tolist() == [prompts[0][:shared]]
     assert seen[1].shape == (len(prompts), width) and seen[2].shape == (len(prompts), 1)
-
-
-def test_shared_prefix_length_leaves_every_row_a_token_and_skips_short_prefixes():
-    long, short = list(range(100, 100 + SHARED_PREFIX_MIN)), list(range(100, 99 + SHARED_PREFIX_MIN))
-    assert shared_prefix_length([[*long, 1, 2], [*long, 1, 3]]) == SHARED_PREFIX_MIN + 1
-    assert shared_prefix_length([[*long, 1], [*long, 1, 3]]) == SHARED_PREFIX_MIN  # the shorter keeps one
-    assert shared_prefix_length([[*short, 1], [*short, 2]]) == 0  # too short to pay
-    assert shared_prefix_length([[*long, 1, 2]]) == 0  # one row: nothing to share
-
-
-def test_only_a_cache_of_keys_and_values_is_copied_to_the_rows():
-    from transformers import DynamicCache, FalconH1Config, LlamaConfig, MistralConfig, Qwen3NextConfig
-
-    small = {"num_hidden_layers": 4, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 8}
-    assert keys_and_values_only(DynamicCache(config=LlamaConfig(**small)))
-    assert keys_and_values_only(DynamicCache(config=MistralConfig(**small, sliding_window=8)))
-    # Linear attention keeps convolution and recurrent states that batch_repeat_interleave does not copy.
-    assert not keys_and_values_only(DynamicCache(config=Qwen3NextConfig(num_hidden_layers=4)))
-    assert not keys_and_values_only(DynamicCache(config=FalconH1Config(num_hidden_layers=4)))
-    assert not keys_and_values_only(None)
 
 
 def _manual_greedy(model, prefix: list[int], steps: int, stops: list[int]) -> list[int]:

@@ -85,3 +85,27 @@ def test_fp16_loss_scaling_with_clipping_uses_the_unfused_kernel(
     assert not optimizer.defaults["fused"]
     assert "using the unfused kernel" in caplog.text
     assert any(not torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prefix_reaches_the_loss_of_the_steps(share, tiny_model_dir, tokenizer, chatml):
+    from sftlab import build
+    from sftlab.model.prefix import shared_context_length
+    from tests.conftest import chat_batch
+
+    system = {"role": "system", "content": "Answer every question with one short sentence and nothing else."}
+    questions = ("Why?", "Really, why is that?")
+    convs = [
+        [system, {"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}] for q in questions
+    ]
+    batch = chat_batch(convs, chatml, tokenizer)
+    cfg = build.compose(["model=tiny_random", f"share_prefix={str(share).lower()}"])
+    model = LoRA(r=4, lora_dropout=0.0).apply(load_model(cfg.model, tiny_model_dir))
+    module = build.module(cfg, model)
+    seen: list[tuple] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    shared = shared_context_length(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    one_row = (1, int(batch["attention_mask"].sum()) - shared)  # two rows: the prefix counted once
+    assert shared > 16 and seen == ([one_row] if share else [tuple(batch["input_ids"].shape)])

@@ -61,7 +61,13 @@ def auto_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: (batch, heads, length, head_dim) in, (batch, length, heads,
-    head_dim) out."""
+    head_dim) out. A `shared_prefix_rows` keyword (prefix.SharedPrefixRows, from the loss) computes the
+    attention of its single row per original row, each part through this function again."""
+    rows = kwargs.pop("shared_prefix_rows", None)
+    if rows is not None:
+        return rows.attend(
+            auto_attention_forward, module, query, key, value, dropout=dropout, scaling=scaling, **kwargs
+        )
     unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
     if unsupported or not getattr(module, "is_causal", True) or not eager_path(query, key, attention_mask):
         return sdpa_attention_forward(

@@ -34,15 +34,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import encode_prompt
 from sftlab.model.forward import unwrap
+from sftlab.model.prefix import cache_argument, keys_and_values_only, shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,6 @@ class Sampling:
 
 
 GREEDY = Sampling()
-
-# Shared prompt tokens below which a batch is prefilled whole: one more model call costs more than a few
-# tokens per row save (on a GPU, a call is launch-bound at these sizes).
-SHARED_PREFIX_MIN = 16
 
 
 def stop_token_ids(template: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -94,28 +89,6 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) 
     return input_ids, attention
 
 
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Leading tokens every prompt of the batch has in common, when computing them once for all rows pays:
-    0 for a single prompt or fewer than SHARED_PREFIX_MIN tokens. At least one token of each prompt is left
-    out, so every row's last prompt token runs in the batched call that gives its first logits."""
-    if len(prompts) < 2:
-        return 0
-    n = min(map(len, prompts)) - 1
-    first = prompts[0]
-    for prompt in prompts[1:]:
-        n = next((i for i in range(n) if prompt[i] != first[i]), n)
-    return n if n >= SHARED_PREFIX_MIN else 0
-
-
-def keys_and_values_only(cache: Any) -> bool:
-    """Whether every layer of a KV cache holds keys and values alone, all of which `batch_repeat_interleave`
-    copies to each row. A linear-attention layer's convolution and recurrent states are not copied by it
-    (a hybrid layer inherits the keys-and-values copy and would silently share one state between rows), or
-    the layer has no copy at all."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
-
-
 @torch.no_grad()
 def _steps(
     model: torch.nn.Module,
@@ -131,9 +104,10 @@ def _steps(
     so a sequence stopped exactly when it has fewer than `max_new_tokens` tokens. The model runs in eval mode
     (its mode is restored afterwards)."""
     device = next(model.parameters()).device
-    params = inspect.signature(unwrap(model).forward).parameters
-    cache_key = "cache" if "cache" in params else "past_key_values"  # renamed during transformers 5.x
-    kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
+    lm_forward = unwrap(model).forward
+    cache_key = cache_argument(lm_forward)
+    logits_to_keep = "logits_to_keep" in inspect.signature(lm_forward).parameters
+    kwargs = {"use_cache": True, **({"logits_to_keep": 1} if logits_to_keep else {})}
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     stop_set, live = set(stops), [True] * len(prompts)
     was_training = model.training

@@ -87,6 +87,7 @@ class SFTModule(pl.LightningModule):
         gradient_checkpointing: bool | str = False,
         compile: bool = False,
         loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK,
+        share_prefix: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -103,6 +104,7 @@ class SFTModule(pl.LightningModule):
         if not compile:  # a compiled step fuses these operations itself
             fast_training_layers(model)
         self.loss_chunk_size = loss_chunk_size
+        self.share_prefix = share_prefix
         self.strict_loading = False  # checkpoints carry trainable weights only
         self.val_loss = MeanMetric()
         self._step_loss = torch.zeros(())
@@ -133,8 +135,11 @@ class SFTModule(pl.LightningModule):
         if self._train_rng is not None:
             set_rng_states(self._train_rng)
 
+    def _loss(self, batch: dict[str, torch.Tensor], decoder: Callable[..., Any] | None = None) -> tuple:
+        return token_loss_sum(self.model, batch, decoder, self.loss_chunk_size, self.share_prefix)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_targets = token_loss_sum(self.model, batch, self._train_decoder, self.loss_chunk_size)
+        loss_sum, n_targets = self._loss(batch, self._train_decoder)
         # Backward and the optimizer step draw no random numbers (checkpointed recomputation restores its own
         # RNG state), so this is the state the next training step starts from.
         self._train_rng = rng_states()
@@ -185,7 +190,7 @@ class SFTModule(pl.LightningModule):
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n_targets = token_loss_sum(self.model, batch, chunk_size=self.loss_chunk_size)
+        loss_sum, n_targets = self._loss(batch)
         if n_targets > 0:
             self.val_loss.update(loss_sum.detach() / n_targets, weight=n_targets)
 
