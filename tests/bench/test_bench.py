@@ -77,8 +77,30 @@ def test_batch_counts_padded():
         "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
         "labels": torch.tensor([[X, X, 7, 8], [X, 6, X, X]]),
     }
-    # 6 non-pad tokens, 3 targets, 8 computed, pairs 4*5 + 2*3
-    assert batch_counts(batch) == (6, 3, 8, 26)
+    # 6 non-pad tokens, 3 targets, 8 computed, pairs 4*5 + 2*3, no shared prefix
+    assert batch_counts(batch) == (6, 3, 8, 26, 0)
+
+
+def test_batch_counts_a_shared_prompt_prefix_once():
+    from sftlab.bench.hardware import FlopModel
+    from sftlab.bench.report import _efficiency
+
+    prompt = list(range(10, 30))  # 20 tokens every row starts with, none of them a target
+    batch = {
+        "input_ids": torch.tensor([[*prompt, 1, 2, 3], [*prompt, 4, 5, 0], [*prompt, 6, 0, 0]]),
+        "attention_mask": torch.tensor([[1] * 23, [1] * 22 + [0], [1] * 21 + [0, 0]]),
+    }
+    batch["labels"] = torch.where(torch.arange(23) >= 21, batch["input_ids"], X).masked_fill(
+        batch["attention_mask"] == 0, X
+    )
+    tokens, targets, computed, pairs, repeated = batch_counts(batch)
+    assert (tokens, targets, computed, repeated) == (66, 3, 69, 2 * 20)  # the prefix counted once: 26 tokens
+    assert pairs == 23 * 24 + 22 * 23 + 21 * 22 - 2 * 20 * 21
+    # model FLOPs per second: the tokens computed once, not the 66 the rows hold
+    fm = FlopModel(frozen=10, trainable=1, head=0, layers=1, attn_dim=1)
+    step = Step(tokens, targets, computed, pairs, repeated, seconds=1.0)
+    rate = _efficiency(fm, [step], {"bf16_gflops": 1.0})["model_gflops"] * 1e9
+    assert rate == fm.step_flops(26, targets, pairs)
 
 
 def test_batch_counts_packed_and_padding_free():
@@ -89,13 +111,17 @@ def test_batch_counts_packed_and_padding_free():
         "labels": torch.tensor([[X, 2, 3, X, 5, X]]),
     }
     assert example_lengths(packed) == [3, 2]
-    assert batch_counts(packed) == (5, 3, 6, 3 * 4 + 2 * 3)
+    assert batch_counts(packed) == (5, 3, 6, 3 * 4 + 2 * 3, 0)
     flat = {k: v[:, :5] for k, v in packed.items() if k != "attention_mask"}  # TRL padding_free: no mask
-    assert batch_counts(flat) == (5, 3, 5, 18)
+    assert batch_counts(flat) == (5, 3, 5, 18, 0)
 
 
 def test_padding_efficiency_and_median_rate():
-    steps = [Step(90, 10, 100, 0, 1.0), Step(60, 6, 100, 0, 2.0), Step(100, 50, 200, 0, 4.0)]
+    steps = [
+        Step(90, 10, 100, 0, seconds=1.0),
+        Step(60, 6, 100, 0, seconds=2.0),
+        Step(100, 50, 200, 0, seconds=4.0),
+    ]
     assert padding_efficiency(steps) == pytest.approx(250 / 400)
     assert median_rate(steps) == 30.0  # rates 90, 30, 25
     assert median_rate(steps, "targets") == 10.0  # 10, 3, 12.5
@@ -103,10 +129,10 @@ def test_padding_efficiency_and_median_rate():
 
 def test_targets_are_ratios_of_median_rates():
     recs = [
-        Record("iso/sftlab", [Step(300, 30, 300, 0, 1.0)] * 3),
-        Record("iso/trl-default", [Step(150, 9, 160, 0, 1.0)]),
-        Record("iso/trl-best", [Step(280, 9, 280, 0, 1.0)]),
-        Record("iso/bare", [Step(310, 9, 330, 0, 1.0)]),
+        Record("iso/sftlab", [Step(300, 30, 300, 0, seconds=1.0)] * 3),
+        Record("iso/trl-default", [Step(150, 9, 160, 0, seconds=1.0)]),
+        Record("iso/trl-best", [Step(280, 9, 280, 0, seconds=1.0)]),
+        Record("iso/bare", [Step(310, 9, 330, 0, seconds=1.0)]),
     ]
     result = {"runs": summarize(recs, warmup=1, peak={"bf16_gflops": 1.0, "fp32_gflops": 1.0})}
     got = {t["what"]: (t["value"] and round(t["value"], 3), t["holds"]) for t in targets(result)}

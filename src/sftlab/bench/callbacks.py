@@ -24,7 +24,7 @@ class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.steps: list[Step] = []
         self._last = clock()
-        self._pending = [0, 0, 0, 0]
+        self._pending = [0, 0, 0, 0, 0]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last = clock()
@@ -39,7 +39,7 @@ class StepTimer(pl.Callback):
         synchronize(pl_module.device)
         now, times = elapsed(self._last)
         self.steps.append(Step(*self._pending, **times))
-        self._last, self._pending = now, [0, 0, 0, 0]
+        self._last, self._pending = now, [0, 0, 0, 0, 0]
 
 
 class FirstStepMarker(pl.Callback):

@@ -7,6 +7,9 @@ Model FLOPs (what the step must compute, not what a given implementation happens
   * the output head only at target positions (sftlab computes logits nowhere else; counting it for every token
     would credit work that is not needed), 4 x its parameters per target (it is frozen);
   * the input embedding is a lookup: no FLOPs;
+  * the prompt tokens every row of a batch starts with (`prefix.shared_context_length`: up to the first
+    target, 16 tokens or more) compute the same in every row: counted once, with their attention (sftlab
+    computes them once; counting each copy would credit work that is not needed);
   * attention (QK^T and AV, forward + backward = 3 x forward) per example of n tokens, causal: query i attends
     to i keys, so 3 x 2 matmuls x 2 FLOPs x d x sum(i) = 6 x d x n(n+1) per layer, d = heads x head_dim.
 """

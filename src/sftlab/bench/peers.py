@@ -111,7 +111,7 @@ def _trl_timer(steps: list[Step], queue: list, device: torch.device) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             synchronize(device)
             now, times = elapsed(self.last)
-            counts = [sum(c) for c in zip(*queue, strict=True)] if queue else [0, 0, 0, 0]
+            counts = [sum(c) for c in zip(*queue, strict=True)] if queue else [0, 0, 0, 0, 0]
             queue.clear()
             steps.append(Step(*counts, **times))
             self.last = now

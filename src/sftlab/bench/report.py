@@ -47,7 +47,7 @@ def _efficiency(fm: FlopModel, steps: Sequence[Step], peak: dict) -> dict:
     out: dict[str, float | None] = {}
     for clock, suffix in (("seconds", ""), ("cpu_seconds", "_per_cpu_s")):
         rates = [
-            fm.step_flops(s.tokens, s.targets, s.pairs) / getattr(s, clock)
+            fm.step_flops(s.tokens - s.repeated, s.targets, s.pairs) / getattr(s, clock)
             for s in steps
             if getattr(s, clock) > 0
         ]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sftlab.data.tokenize import IGNORE_INDEX
+from sftlab.model.prefix import shared_context_length
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Step:
     targets: int
     computed: int
     pairs: int  # sum of n(n+1) over the step's examples of n tokens: the causal-attention work
-    seconds: float
+    repeated: int = 0  # tokens of a prompt prefix the rows of a batch repeat, beyond its first copy
+    seconds: float = 0.0
     cpu_seconds: float = 0.0  # CPU time of the process (all threads) in the step: robust to a loaded machine
 
 
@@ -47,19 +49,24 @@ class Record:
         return cls(d["name"], [Step(**s) for s in d["steps"]], d.get("extra", {}))
 
 
-def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
-    """(non-pad tokens, target tokens, tokens computed, attention pairs) of a collated batch.
+def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
+    """(non-pad tokens, target tokens, tokens computed, attention pairs, repeated prefix tokens) of a
+    collated batch.
 
     Non-pad = the attention mask's ones; a padding-free batch (TRL `padding_free`, one flattened row with
     `position_ids` and no mask) has no padding, so every position counts. Targets exclude position 0 of each
-    row, which nothing predicts (the loss shifts labels by one).
+    row, which nothing predicts (the loss shifts labels by one). The prompt prefix every row of a padded batch
+    starts with (`prefix.shared_context_length`) needs computing once: its other copies are `repeated`, and
+    their attention is left out of the pairs, whatever a framework computes.
     """
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else input_ids.numel()
     targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
     pairs = sum(n * (n + 1) for n in example_lengths(batch))
-    return tokens, targets, input_ids.numel(), pairs
+    shared = 0 if "position_ids" in batch else shared_context_length(input_ids, batch["labels"], mask)
+    copies = input_ids.shape[0] - 1
+    return tokens, targets, input_ids.numel(), pairs - copies * shared * (shared + 1), copies * shared
 
 
 def example_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
