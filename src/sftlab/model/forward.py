@@ -105,9 +105,8 @@ def shared_prefix_loss(
         shared_prefix_rows=rows,
     ).last_hidden_state[0]
     if not rows.complete(lm.config.num_hidden_layers):
-        vars(lm)["_sftlab_span"] = (
-            0  # a layer did not hand the rows on: this model runs rows whole from now on
-        )
+        # a layer did not hand the rows on to attention: this model runs its rows whole from now on
+        vars(lm)["_sftlab_span"] = 0
         return None
     mask = rows.targets != IGNORE_INDEX
     return chunked_head_loss(lm, hidden[mask], rows.targets[mask], chunk_size), mask.sum()
@@ -134,11 +133,7 @@ def attention_span(lm: torch.nn.Module) -> float:
     window, or 0 when a layer is not plain attention or did not compute through SharedPrefixRows."""
     if "_sftlab_span" not in vars(lm):
         layers = DynamicCache(config=lm.config).layers
-        windows = [
-            getattr(layer, "sliding_window", 0)
-            for layer in layers
-            if type(layer) is DynamicSlidingWindowLayer
-        ]
+        windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
         plain = all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
         vars(lm)["_sftlab_span"] = min(windows, default=math.inf) if plain and layers else 0
     return vars(lm)["_sftlab_span"]
