@@ -208,7 +208,7 @@ def test_one_peer_end_to_end_on_a_few_rows(tmp_path):
     root = fw.peers_dir()
     if fw.venv_problem(fw.FRAMEWORKS["llamafactory"], root):
         pytest.skip(f"llamafactory: {fw.venv_problem(fw.FRAMEWORKS['llamafactory'], root)}")
-    from sftlab.bench.run import main
+    from sftlab.bench.run import run
 
     src = Path(fw.ROOT / "src/sftlab/resources/iso_dates")
     (tmp_path / "train.jsonl").write_text("".join((src / "train.jsonl").read_text().splitlines(True)[:16]))
@@ -216,7 +216,7 @@ def test_one_peer_end_to_end_on_a_few_rows(tmp_path):
         rows = (src / f"{split}.jsonl").read_text().splitlines(True)[:n]
         (tmp_path / f"{split}.jsonl").write_text("".join(rows))
     os.environ.setdefault("WANDB_MODE", "disabled")
-    result = main(
+    result = run(
         [
             "--peers",
             "llamafactory",

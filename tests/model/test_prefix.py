@@ -19,6 +19,7 @@ from transformers import (
 from sftlab.model import attention
 from sftlab.model.forward import attention_span, enable_gradient_checkpointing, token_loss_sum, unwrap
 from sftlab.model.prefix import (
+    ROW_MULTIPLE,
     SHARED_PREFIX_MIN,
     keys_and_values_only,
     shared_context_length,
@@ -112,9 +113,12 @@ def test_the_rows_become_the_prefix_once_then_each_rows_own_tokens(batch, tokeni
         expected_ids += ids[row, shared:n].tolist()
         expected_positions += list(range(shared, n))
         expected_targets += [*labels[row, shared + 1 : n].tolist(), -100]
-    assert rows.input_ids.tolist() == [expected_ids]
-    assert rows.position_ids.tolist() == [expected_positions]
-    assert rows.targets.tolist() == expected_targets
+    # rounded up to a multiple of ROW_MULTIPLE by untrained tokens after the last row's own
+    extra = rows.input_ids.shape[1] - len(expected_ids)
+    assert 0 < extra < ROW_MULTIPLE and rows.input_ids.shape[1] % ROW_MULTIPLE == 0
+    assert rows.input_ids[0, : len(expected_ids)].tolist() == expected_ids
+    assert rows.position_ids.tolist() == [[*expected_positions, *range(lengths[-1], lengths[-1] + extra)]]
+    assert rows.targets.tolist() == expected_targets + [-100] * extra
     # the supervised tokens are each row's answer and end of turn, as in the whole batch
     answers = tokenizer.decode(rows.targets[rows.targets != -100])
     assert answers == "".join(f"{a}<|im_end|>" for _, a in QUESTIONS)
@@ -143,7 +147,7 @@ def _assert_same(model, batch, shares: bool):
     whole_loss, whole_n, whole_grads = _loss_and_grads(model, batch, False)
     lengths = batch["attention_mask"].sum(1)
     shared = shared_context_length(batch["input_ids"], batch["labels"], batch["attention_mask"])
-    one_row = (1, int((lengths - shared).sum()) + shared)
+    one_row = (1, -(-(int((lengths - shared).sum()) + shared) // ROW_MULTIPLE) * ROW_MULTIPLE)
     assert seen == ([one_row] if shares else [tuple(batch["input_ids"].shape)])
     assert n == whole_n > 0
     torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-5)

@@ -342,7 +342,14 @@ def peaks(device: torch.device, quick: bool, before: dict | None = None) -> dict
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
+    """`sftlab-bench`. Returns nothing: a console script exits with its function's return value, and any
+    object but None or an int reads as a failure (and is printed)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """The bench: prints its tables and returns what it wrote to its JSON file."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -23,6 +23,12 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from sftlab.data.tokenize import IGNORE_INDEX
 
+# The single row's length is a multiple of this: every new length costs a CPU's matmul library (oneDNN) a new
+# kernel for each of a step's matmul shapes, which it builds once and keeps (about 6 MB a length here, +315 MB
+# over the default run's 100 batches of as many lengths), where batches of rows padded to the longest
+# repeat a few widths. A few untrained tokens more a step (at most 15).
+ROW_MULTIPLE = 16
+
 # Shared tokens below which a batch runs whole: one more model call costs more than a few tokens per row save
 # (on a GPU, a call is launch-bound at these sizes).
 SHARED_PREFIX_MIN = 16
@@ -144,6 +150,14 @@ class SharedPrefixRows:
 def shared_prefix_rows(batch: dict[str, torch.Tensor], shared: int) -> SharedPrefixRows:
     """The batch's rows as one row behind their `shared` common tokens (`shared_context_length`)."""
     mask = batch.get("attention_mask")
-    ids = batch["input_ids"]
+    ids, labels = batch["input_ids"], batch["labels"]
     lengths = mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1], device=ids.device)
-    return SharedPrefixRows(ids, batch["labels"], lengths, shared)
+    extra = -(shared + int((lengths - shared).sum())) % ROW_MULTIPLE
+    if (
+        extra
+    ):  # the last row runs on by `extra` untrained tokens, after all of its own: no real token sees them
+        ids = torch.nn.functional.pad(ids, (0, extra))
+        labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
+        lengths = lengths.clone()
+        lengths[-1] += extra
+    return SharedPrefixRows(ids, labels, lengths, shared)
