@@ -1,15 +1,19 @@
 """The tokens every row of a batch starts with, run through the model once.
 
-A batch's rows often begin with the same tokens: a system prompt, a tool list, the template's header. Under
-causal attention their keys and values do not depend on anything after them, so they are computed as one
-row, copied to every row (`Cache.batch_repeat_interleave`), and each row's own tokens run against them, as
-vLLM's prefix caching does within a batch. Generation (generate.py) shares a prompt prefix this way; the
-training and validation loss (forward.py) share the prompt tokens before the first target, where autograd
-sums every row's gradient into the one prefix computation, as it would over the prefix's copies.
+A batch's rows often begin with the same tokens: a system prompt, a tool list, a fixed instruction, the
+template's header. Under causal attention those tokens compute the same thing in every row.
 
-Only caches of keys and values alone are shared: a linear-attention layer's convolution and recurrent states
-are not copied by `batch_repeat_interleave` (a hybrid layer inherits the keys-and-values copy and would
-silently share one state between rows), or the layer has no copy at all.
+Generation (generate.py) runs them as a one-row call and copies its KV cache to every row
+(`Cache.batch_repeat_interleave`), as vLLM's prefix caching does within a batch; each row's own tokens
+follow. Only caches of keys and values alone are copied: a linear-attention layer's convolution and
+recurrent states are not copied by `batch_repeat_interleave` (a hybrid layer inherits the keys-and-values
+copy and would silently share one state between rows), or the layer has no copy at all.
+
+The training and validation loss (forward.py) lays the batch out as one row instead (`SharedPrefixRows`):
+the prefix up to the first target once, then every row's own tokens, in a single model call, with attention
+computed per original row. A second call would read every weight again, which on a CPU costs about what the
+saved rows gain. Autograd sums every row's gradient into the one prefix computation, as it would over the
+prefix's copies.
 """
 
 from __future__ import annotations
