@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 from sftlab.data.collate import BOUNDARY_KEYS, boundaries
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import SFTLabError
 from sftlab.model import attention
-from sftlab.model.prefix import shared_context_length, shared_prefix_rows
+from sftlab.model.prefix import keys_and_values_only, shared_context_length, shared_prefix_rows
 
 # Rows of the output head computed at once: 1024 x 128k vocab is 512 MiB of fp32 logits (Llama 3), and the
 # matmul stays large enough to run at full speed on a GPU; micro-batches with fewer targets are not chunked.
@@ -132,10 +132,9 @@ def attention_span(lm: torch.nn.Module) -> float:
     """How many tokens back every layer of the model attends: inf for full attention, the shortest sliding
     window, or 0 when a layer is not plain attention or did not compute through SharedPrefixRows."""
     if "_sftlab_span" not in vars(lm):
-        layers = DynamicCache(config=lm.config).layers
-        windows = [layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer]
-        plain = all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
-        vars(lm)["_sftlab_span"] = min(windows, default=math.inf) if plain and layers else 0
+        cache = DynamicCache(config=lm.config)
+        windows = [layer.sliding_window for layer in cache.layers if type(layer) is DynamicSlidingWindowLayer]
+        vars(lm)["_sftlab_span"] = min(windows, default=math.inf) if keys_and_values_only(cache) else 0
     return vars(lm)["_sftlab_span"]
 
 

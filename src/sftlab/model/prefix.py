@@ -67,7 +67,7 @@ def shared_context_length(
     rows, width = input_ids.shape
     if rows < 2 or width <= SHARED_PREFIX_MIN:
         return 0
-    lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((rows,), width)
+    lengths = row_lengths(input_ids, attention_mask)
     targets = labels != IGNORE_INDEX
     first_target = torch.where(targets.any(1), targets.int().argmax(1), lengths)
     limit = int(torch.minimum(lengths, first_target).min()) - 1
@@ -76,6 +76,13 @@ def shared_context_length(
     same = (input_ids[:, :limit] == input_ids[:1, :limit]).all(0)
     n = int(same.int().cumprod(0).sum())
     return n if n >= SHARED_PREFIX_MIN else 0
+
+
+def row_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each row's real tokens in a right-padded batch (all of them without a mask)."""
+    if attention_mask is not None:
+        return attention_mask.sum(1)
+    return torch.full((len(input_ids),), input_ids.shape[1], device=input_ids.device)
 
 
 def keys_and_values_only(cache: Any) -> bool:
@@ -153,13 +160,11 @@ class SharedPrefixRows:
 
 def shared_prefix_rows(batch: dict[str, torch.Tensor], shared: int) -> SharedPrefixRows:
     """The batch's rows as one row behind their `shared` common tokens (`shared_context_length`)."""
-    mask = batch.get("attention_mask")
     ids, labels = batch["input_ids"], batch["labels"]
-    lengths = mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1], device=ids.device)
+    lengths = row_lengths(ids, batch.get("attention_mask"))
     extra = -(shared + int((lengths - shared).sum())) % ROW_MULTIPLE
-    if (
-        extra
-    ):  # the last row runs on by `extra` untrained tokens, after all of its own: no real token sees them
+    # the last row runs on by `extra` untrained tokens, after all of its own: no real token sees them
+    if extra:
         ids = torch.nn.functional.pad(ids, (0, extra))
         labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
         lengths = lengths.clone()
