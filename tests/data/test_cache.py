@@ -74,6 +74,7 @@ def test_arrow_splits_equal_the_in_memory_pipeline_field_by_field(
         assert got.num_targets == ref.num_targets and got.lengths == ref.lengths
     assert dm.counts()["train"]["dropped"]["duplicate"] == 2
     assert ("packed_rows" in dm.counts()["train"]) is packing
+    assert not list(dm._cache_entry().rglob(".spill-*"))  # the workers' tables, once written, are removed
     # the ecosystem's reader opens the entry as it is
     on_disk = datasets.load_from_disk(str(dm._cache_entry() / "train" / "examples"))
     assert on_disk["input_ids"] == [ex.input_ids for ex in expected["train"].examples]
@@ -120,9 +121,11 @@ def test_with_two_workers_strict_mode_names_the_first_bad_line_and_lenient_count
     lines[21] = json.dumps({"messages": [{"role": "user", "content": "no answer"}], "x": 1})
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    strict = SFTDataModule(tokenizer, chatml, str(path), cache_dir=None, max_length=40, num_proc=2)
+    cache_dir = tmp_path / "cache"
+    strict = SFTDataModule(tokenizer, chatml, str(path), cache_dir=str(cache_dir), max_length=40, num_proc=2)
     with pytest.raises(DataError, match=rf"{path}:14\b.*invalid JSON"):
         strict.setup()
+    assert [p.name for p in cache_dir.iterdir() if not p.name.startswith(".digests")] == []  # no half entry
 
     def lenient_with(num_proc: int) -> SFTDataModule:
         dm = SFTDataModule(

@@ -8,12 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sftlab.data import cache
 from sftlab.data.sources import (
     Source,
+    exact_loads,
     iter_with_datasets,
     jsonl_rows,
+    line_spans,
     parse_chunk,
     parse_sources,
     raw_chunks,
@@ -99,3 +103,58 @@ def test_jsonl_chunks_and_hub_style_batches_give_the_rows_read_whole(tmp_path):
     batched = list(iter_with_datasets(Source(str(parquet)), parquet, "train", "k", batch_size=2))
     assert batched == [(f"{parquet} row {i}", {"prompt": f"q{i}", "n": i}) for i in range(5)]
     assert read_source(Source(str(parquet)), "data.train_path", "train") == batched
+
+
+LITERALS = [
+    b'{"n": 123456789012345678901234567890}',  # past 64 bits: orjson would give a float
+    b'{"n": -9223372036854775809, "m": 18446744073709551615}',
+    b'{"x": 0.1, "y": 1e400, "z": NaN}',
+    b'{"s": "\\ud800"}',  # a lone surrogate
+    b'\xef\xbb\xbf{"bom": 1}',
+    b'{"a": 1, "a": 2}',
+    b'{"t": "caf\xc3\xa9 \\u0000", "l": [true, null, [], {}]}\r',
+    b'{"tool": {"arguments": {"temperature": 0.7, "n": [1, 2.5]}}}',
+]
+
+
+@pytest.mark.parametrize("raw", LITERALS)
+def test_loads_reads_exactly_what_json_loads_reads(raw):
+    want = json.loads(raw)  # bytes: the standard library detects the BOM itself
+    got = exact_loads(raw)
+    assert got == want or (got != got and want != want)
+    assert json.dumps(got) == json.dumps(want)  # the same types: 1e29 and 10**29 print differently
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=4),
+        max_leaves=12,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_loads_matches_json_on_any_value(value):
+    raw = json.dumps(value).encode()
+    assert json.dumps(exact_loads(raw)) == json.dumps(json.loads(raw))
+
+
+@given(
+    lines=st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=40),
+    newline_at_end=st.booleans(),
+    size=st.integers(1, 7),
+    block=st.integers(1, 64),
+)
+@settings(max_examples=150, deadline=None)
+def test_line_spans_cut_the_lines_iteration_gives(tmp_path_factory, lines, newline_at_end, size, block):
+    file = tmp_path_factory.mktemp("spans") / "rows.jsonl"
+    file.write_bytes(b"\n".join(lines) + (b"\n" if newline_at_end and lines else b""))
+    with open(file, "rb") as f:
+        want = [line.removesuffix(b"\n") for line in f]
+    spans = list(line_spans(file, size, block=block))
+    assert (
+        [len(s) for s in spans[:-1]] == [size] * (len(spans) - 1) and 0 < len(spans[-1]) <= size
+        if spans
+        else True
+    )
+    assert [line for s in spans for line in s.read(file)] == want
+    assert sum(len(s) for s in spans) == len(want)

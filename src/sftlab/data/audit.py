@@ -52,7 +52,7 @@ from sftlab.data.quality import (
     words,
 )
 from sftlab.data.sources import Source, read_source, weigh
-from sftlab.data.tokenize import IGNORE_INDEX, Template, encode_conversations, fit_length
+from sftlab.data.tokenize import Template, encode_rows
 from sftlab.errors import ConfigError
 
 FLAGS = ("short", "refusals", "repetitive", "control_chars", "echoes", "chat_markers")
@@ -308,23 +308,14 @@ def tokens(
 ) -> tuple[dict[str, Any], list[int]]:
     """Token counts with the run's template and tokenizer, what `max_length` will do, and an epoch's budget.
     Prompt tokens are the untrained ones, response tokens the trained ones (as `train_on` decides)."""
-    full = encode_conversations(conversations, template, tokenizer, train_on=train_on, reasoning=reasoning)
-    lengths, prompt, response = [], [], []
-    forecast: Counter = Counter()
-    budget_tokens = budget_targets = 0
-    for e in full:
-        if e.dropped:  # nothing to train on even untruncated
-            forecast[e.status] += 1
-            continue
-        n_targets = sum(label != IGNORE_INDEX for label in e.labels)
-        lengths.append(len(e.input_ids))
-        prompt.append(len(e.input_ids) - n_targets)
-        response.append(n_targets)
-        fitted = fit_length(e.input_ids, e.labels, max_length, truncation)
-        forecast[fitted.status] += 1
-        if not fitted.dropped:
-            budget_tokens += len(fitted.input_ids)
-            budget_targets += sum(label != IGNORE_INDEX for label in fitted.labels)
+    full = encode_rows(conversations, template, tokenizer, train_on=train_on, reasoning=reasoning)
+    fitted = full.fit(max_length, truncation)
+    usable = full.kept  # the others have nothing to train on even untruncated
+    lengths = full.lengths[usable].tolist()
+    response = full.num_targets()[usable].tolist()
+    prompt = [n - r for n, r in zip(lengths, response, strict=True)]
+    forecast = fitted.statuses()
+    budget_tokens, budget_targets = int(fitted.lengths.sum()), int(fitted.num_targets().sum())
     kept = forecast["kept"] + forecast["truncated"]
     histogram_top = max([*lengths, max_length or 0, 1])
     counts, edges = np.histogram(lengths, bins=30, range=(0, histogram_top))

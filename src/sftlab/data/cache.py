@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.data.packing import pack_plan
-from sftlab.data.tokenize import IGNORE_INDEX, Encoded
+from sftlab.data.tokenize import IGNORE_INDEX, STATUSES, Encoded, EncodedRows
 
 FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
@@ -147,39 +147,48 @@ def rows_schema() -> Any:
     return pa.schema([("json", pa.string())])
 
 
-def table_of(columns: Mapping[str, Sequence], schema: Any) -> Any:
-    """An Arrow table of Python columns (int32, string (str or UTF-8 bytes) or list<int32>, as the cache's
-    schemas hold), made from numpy buffers rather than with `pa.array`, whose first call imports pandas
-    (about 0.4 s of CPU in every process that writes or tokenizes: the workers and the parent alike)."""
+def table_of(columns: Mapping[str, Any], schema: Any) -> Any:
+    """An Arrow table of columns (int32, string (str or UTF-8 bytes) or list<int32>, as the cache's schemas
+    hold): Python sequences, or numpy arrays (an int32 column) and (values, offsets) pairs of them (a
+    list<int32> column, as EncodedRows holds its examples). Made from numpy buffers rather than with
+    `pa.array`, whose first call imports pandas (about 0.4 s of CPU in every process that writes or
+    tokenizes: the workers and the parent alike)."""
     import numpy as np
     import pyarrow as pa
 
-    def ints(values: Sequence[int], n: int) -> Any:
-        return pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(np.fromiter(values, np.int32, n))])
+    def ints(values: Any, n: int) -> Any:
+        if not isinstance(values, np.ndarray):
+            values = np.fromiter(values, np.int32, n)
+        return pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(values.astype(np.int32, copy=False))])
 
-    def offsets(lengths: Iterable[int], n: int) -> Any:
+    def offsets(ends: np.ndarray) -> Any:
+        if ends[-1] >= 2**31:
+            raise ValueError("an Arrow chunk of the data cache would exceed 2 GB; lower the chunk size")
+        return pa.py_buffer(ends.astype(np.int32))
+
+    def cumulative(lengths: Iterable[int], n: int) -> np.ndarray:
         out = np.zeros(n + 1, np.int64)
         np.cumsum(np.fromiter(lengths, np.int64, n), out=out[1:])
-        if out[-1] >= 2**31:
-            raise ValueError("an Arrow chunk of the data cache would exceed 2 GB; lower the chunk size")
-        return pa.py_buffer(out.astype(np.int32))
+        return out
 
     arrays = []
     for field in schema:
         values = columns[field.name]
-        n = len(values)
         if field.type == pa.int32():
-            arrays.append(ints(values, n))
+            arrays.append(ints(values, len(values)))
         elif field.type == pa.string():
             data = [v if isinstance(v, bytes) else v.encode() for v in values]
-            buffers = [None, offsets(map(len, data), n), pa.py_buffer(b"".join(data))]
-            arrays.append(pa.Array.from_buffers(pa.string(), n, buffers))
+            buffers = [None, offsets(cumulative(map(len, data), len(data))), pa.py_buffer(b"".join(data))]
+            arrays.append(pa.Array.from_buffers(pa.string(), len(data), buffers))
         elif field.type == pa.list_(pa.int32()):
-            total = sum(map(len, values))
-            flat = ints(itertools.chain.from_iterable(values), total)
-            arrays.append(
-                pa.Array.from_buffers(field.type, n, [None, offsets(map(len, values), n)], children=[flat])
-            )
+            if isinstance(values, tuple):
+                flat, ends = values
+            else:
+                ends = cumulative(map(len, values), len(values))
+                flat = itertools.chain.from_iterable(values)
+            n = len(ends) - 1
+            children = [ints(flat, int(ends[-1]))]
+            arrays.append(pa.Array.from_buffers(field.type, n, [None, offsets(ends)], children=children))
         else:
             raise TypeError(f"table_of: no conversion for {field.type}")
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -244,14 +253,14 @@ def targets(labels: Sequence[int]) -> int:
     return max(0, len(labels) - 1 - labels[1:].count(IGNORE_INDEX))
 
 
-def arrow_tables(examples: Sequence[Encoded], rows_json: Sequence[bytes]) -> tuple[Any, Any]:
+def arrow_tables(examples: EncodedRows, rows_json: Sequence[bytes]) -> tuple[Any, Any]:
     """(examples, rows) Arrow tables of kept examples and their conversations (as JSON text), in the
     cache's schema."""
     columns = {
-        "input_ids": [ex.input_ids for ex in examples],
-        "labels": [ex.labels for ex in examples],
-        "status": [ex.status for ex in examples],
-        "num_targets": [targets(ex.labels) for ex in examples],
+        "input_ids": (examples.input_ids, examples.offsets),
+        "labels": (examples.labels, examples.offsets),
+        "status": [STATUSES[code] for code in examples.status],
+        "num_targets": examples.num_targets(),
     }
     return table_of(columns, arrow_schema(False)), table_of({"json": rows_json}, rows_schema())
 

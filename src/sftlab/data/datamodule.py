@@ -184,8 +184,12 @@ class SFTDataModule(pl.LightningDataModule):
                 atexit.register(shutil.rmtree, root, ignore_errors=True)
                 entry = root / "entry"
             build = cache.build_dir(entry.parent)
-            with gc_paused():
-                counts = self._process(build)
+            try:
+                with gc_paused():
+                    counts = self._process(build)
+            except BaseException:  # a bad row in strict mode, Ctrl-C: the half-written entry is ours
+                shutil.rmtree(build, ignore_errors=True)
+                raise
             cache.commit(build, entry, counts)
             loaded = cache.load(entry)
             if loaded is None:
@@ -226,7 +230,7 @@ class SFTDataModule(pl.LightningDataModule):
             if packed_rows is not None:
                 counts[split]["packed_rows"] = packed_rows
 
-        with Workers(self.num_proc, **job) as workers:
+        with Workers(self.num_proc, scratch=build, **job) as workers:
             converted, skipped, keys, sizes = {}, {}, {}, {}
             for split, sources in self.sources.items():
                 if not sources:

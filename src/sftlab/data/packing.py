@@ -5,7 +5,7 @@ each example into the fullest row it still fits; O(n log n) with a sorted list o
 row, position ids restart at 0 for every example. The model then sees `position_ids` and no 2-D attention mask
 (`module.token_loss_sum`), from which transformers builds a block-diagonal causal mask on eager/SDPA
 (`masking_utils.find_packed_sequence_indices`) and uses varlen kernels on flash-attention, so no example
-attends to another. Every example's first label is already -100 (tokenize.segments_to_ids), so the first
+attends to another. Every example's first label is already -100 (tokenize.assemble), so the first
 token of an example is never a target of the previous example's last token. Per-example losses are therefore
 the same as unpacked; a test checks it on the tiny model.
 """

@@ -30,8 +30,8 @@ from transformers import PreTrainedTokenizerBase
 from sftlab.data import cache
 from sftlab.data.formats import BadRow, Conversation, to_messages
 from sftlab.data.packing import pack
-from sftlab.data.sources import RawChunk, Row, parse_chunk
-from sftlab.data.tokenize import Encoded, Template, encode_conversations
+from sftlab.data.sources import RawChunk, Row, exact_loads, parse_chunk
+from sftlab.data.tokenize import Encoded, Template, encode_conversations, encode_rows
 from sftlab.errors import DataError
 
 
@@ -231,7 +231,7 @@ def encode_chunk(
     conversations as Arrow tables, the conversations holding a special-token string). Arrow, not Python
     lists, so a worker hands the parent a few buffers to write as they are, rather than millions of ints
     to unpickle and convert."""
-    chunk = [json.loads(t) for t in texts]
+    chunk = [exact_loads(t) for t in texts]
     return encode_converted(chunk, texts, template, tokenizer, markers, **encode_kwargs)
 
 
@@ -244,11 +244,11 @@ def encode_converted(
     **encode_kwargs: Any,
 ) -> tuple[Counter, Any, Any, int]:
     """`encode_chunk` of conversations, with their JSON texts or None (made here for the kept ones)."""
-    encoded = encode_conversations(conversations, template, tokenizer, **encode_kwargs)
-    kept = [k for k, e in enumerate(encoded) if not e.dropped]
-    kept_texts = [to_json(conversations[k]) if texts is None else texts[k] for k in kept]
-    tables = cache.arrow_tables([encoded[k] for k in kept], kept_texts)
-    return Counter(e.status for e in encoded), *tables, rows_with_markers(conversations, markers)
+    encoded = encode_rows(conversations, template, tokenizer, **encode_kwargs)
+    kept = encoded.kept
+    kept_texts = [to_json(conversations[k]) if texts is None else texts[k] for k in np.flatnonzero(kept)]
+    tables = cache.arrow_tables(encoded.select(kept), kept_texts)
+    return encoded.statuses(), *tables, rows_with_markers(conversations, markers)
 
 
 def convert_encode_chunk(
@@ -297,10 +297,15 @@ class Workers:
     (so what is written, counted or raised does not depend on the number of workers, as with
     `datasets.map(num_proc=)`). At most two tasks per worker are in flight, so a stream of a million rows
     is never queued whole (`Pool.imap` would read its whole input ahead). The pool is forked at the first
-    stream of more than one task; until then, and with `num_proc=1`, jobs run in this process."""
+    stream of more than one task; until then, and with `num_proc=1`, jobs run in this process.
 
-    def __init__(self, num_proc: int, **job: Any) -> None:
-        self.num_proc, self.job, self.pool = num_proc, job, None
+    With a `scratch` directory, a worker leaves the Arrow tables of its result there as files for this
+    process to map (`Spilled`), rather than sending them through the pool's pipe: a pipe holds 64 KB, so
+    a chunk's megabyte went through in a few dozen reads and writes, each side copying it once more, which
+    cost this process as much as writing the cache and the workers a fiftieth of their time."""
+
+    def __init__(self, num_proc: int, scratch: Path | None = None, **job: Any) -> None:
+        self.num_proc, self.scratch, self.job, self.pool = num_proc, scratch, job, None
 
     def __enter__(self) -> Workers:
         _job.update(self.job)
@@ -318,7 +323,7 @@ class Workers:
             self.job["template"].bind(self.job["tokenizer"])
         # Import what every worker needs (pyarrow, for the cache's tables) once, here, rather than once per
         # worker.
-        cache.arrow_tables([], [])
+        cache.table_of({"json": []}, cache.rows_schema())
         # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns
         # it off by itself. Restored once the workers exist, for the parent's own calls.
         before = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -342,13 +347,14 @@ class Workers:
             return
         if self.pool is None:
             self.pool = self._fork()
+        scratch = None if self.scratch is None else str(self.scratch)
         pending: collections.deque = collections.deque()
         for task in itertools.chain([first, second], tasks):
-            pending.append(self.pool.apply_async(fn, (task,)))
+            pending.append(self.pool.apply_async(_pooled, (fn, task, scratch)))
             if len(pending) >= 2 * self.num_proc:
-                yield pending.popleft().get()
+                yield _unspilled(pending.popleft().get())
         while pending:
-            yield pending.popleft().get()
+            yield _unspilled(pending.popleft().get())
 
     def convert(self, chunks: Iterable[RawChunk]) -> Iterator[tuple[Counter, list[bytes], bytes]]:
         """`convert_chunk` of each raw chunk, with the job's (format, fields, on_error, dedupe keys)."""
@@ -364,6 +370,47 @@ class Workers:
 
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """An Arrow table a worker wrote to a file for the parent, which maps it and removes the file."""
+
+    path: str
+
+    def load(self) -> Any:
+        import pyarrow as pa
+
+        table = pa.ipc.open_stream(pa.memory_map(self.path)).read_all()
+        os.unlink(self.path)  # the mapping stays valid until the table is dropped
+        return table
+
+
+def _pooled(fn: Callable[[Any], Any], task: Any, scratch: str | None) -> Any:
+    """`fn(task)` in a worker; with `scratch`, the result's Arrow tables are spilled there (see Workers)."""
+    result = fn(task)
+    if scratch is None or not isinstance(result, tuple):
+        return result
+    import pyarrow as pa
+
+    out = []
+    for item in result:
+        if isinstance(item, pa.Table):
+            path = os.path.join(scratch, f".spill-{os.getpid()}-{next(_spills)}.arrow")
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, item.schema) as writer:
+                writer.write_table(item)
+            item = Spilled(path)
+        out.append(item)
+    return tuple(out)
+
+
+def _unspilled(result: Any) -> Any:
+    if not isinstance(result, tuple):
+        return result
+    return tuple(item.load() if isinstance(item, Spilled) else item for item in result)
+
+
+_spills = itertools.count()
 
 
 def encoded_chunks(

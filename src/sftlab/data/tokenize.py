@@ -26,9 +26,13 @@ pre-training) + text + EOS, all trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data.formats import Conversation
@@ -55,12 +59,17 @@ class Encoded:
 
 
 def dummy_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
-    """The ids of "\n" if the tokenizer adds a sentencepiece dummy prefix to a text alone, else None."""
-    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    if not pieces or not str(pieces[0]).startswith("▁"):
-        return None
-    return tokenizer("\n", add_special_tokens=False)["input_ids"]
+    """The ids of "\n" if the tokenizer adds a sentencepiece dummy prefix to a text alone, else None.
+    Found once per tokenizer object (three calls of the transformers wrapper: a millisecond a chunk)."""
+    memo = vars(tokenizer)
+    if "_sftlab_dummy_prefix" not in memo:
+        ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        strips = pieces and str(pieces[0]).startswith("▁")
+        memo["_sftlab_dummy_prefix"] = (
+            tokenizer("\n", add_special_tokens=False)["input_ids"] if strips else None
+        )
+    return memo["_sftlab_dummy_prefix"]
 
 
 def encode_batch(
@@ -96,75 +105,199 @@ def tokenize_texts(
     `literal`: message text, in which special-token strings are not special.
     """
     unique = list(dict.fromkeys(texts))
-    if not unique:
-        return {}
-    marker = dummy_prefix_ids(tokenizer) if continuation else None
+    return dict(zip(unique, _encode_distinct(unique, tokenizer, continuation, literal), strict=True))
+
+
+def _encode_distinct(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, continuation: bool, literal: bool
+) -> list[list[int]]:
+    marker = dummy_prefix_ids(tokenizer) if continuation and texts else None
     if marker is None:
-        return dict(zip(unique, encode_batch(unique, tokenizer, literal=literal), strict=True))
-    ids = encode_batch(["\n" + t for t in unique], tokenizer, literal=literal)
+        return encode_batch(texts, tokenizer, literal=literal) if texts else []
+    ids = encode_batch(["\n" + t for t in texts], tokenizer, literal=literal)
     if any(i[: len(marker)] != marker for i in ids):  # "\n" merged into the text: no clean cut exists
         raise ValueError("cannot strip the sentencepiece dummy prefix: '\\n' does not tokenize separately")
-    return {t: i[len(marker) :] for t, i in zip(unique, ids, strict=True)}
+    return [i[len(marker) :] for i in ids]
 
 
-Key = tuple[str, bool]  # (segment text, literal)
+# The entry of each distinct text of a vocabulary: (template markup, message text), since the two are
+# tokenized apart (Segment.literal). Indexed by a segment's `literal`, so a lookup builds no key.
+Texts = tuple[dict[str, int], dict[str, int]]
 
 
-def _tokenize_segments(
-    segments: Sequence[Segment], tokenizer: PreTrainedTokenizerBase, *, continuation: bool = False
-) -> dict[Key, list[int]]:
-    out: dict[Key, list[int]] = {}
-    for literal in (False, True):
-        texts = [s.text for s in segments if s.literal == literal]
-        ids = tokenize_texts(texts, tokenizer, continuation=continuation, literal=literal)
-        out.update({(t, literal): i for t, i in ids.items()})
-    return out
+def _distinct(segments: Iterable[Segment]) -> tuple[list[str], list[str]]:
+    """The distinct markup texts and message texts of `segments`, each in the order first seen."""
+    markup: dict[str, None] = {}
+    message: dict[str, None] = {}
+    for seg in segments:
+        (message if seg.literal else markup)[seg.text] = None
+    return list(markup), list(message)
 
 
 @dataclass
 class Vocab:
-    """Token ids per (text, literal): `first` for a sequence's first segment, `rest` for the others."""
+    """The token ids of every distinct segment, end to end in `tokens` (entry i is
+    `tokens[starts[i] : starts[i] + lengths[i]]`), and the entry of each text: `first[literal][text]` for a
+    sequence's first segment, `rest[literal][text]` for the others (the same dicts where no dummy prefix is
+    stripped), and `bos[id]` of each BOS id."""
 
-    first: dict[Key, list[int]]
-    rest: dict[Key, list[int]]
+    first: Texts
+    rest: Texts
+    bos: dict[int, int]
+    tokens: np.ndarray  # int32
+    starts: np.ndarray  # int64
+    lengths: np.ndarray  # int64
 
     @classmethod
-    def build(cls, rendered: Sequence[Sequence[Segment]], tokenizer: PreTrainedTokenizerBase) -> Vocab:
-        if dummy_prefix_ids(tokenizer) is None:  # one batched call per kind for everything
-            both = _tokenize_segments([s for segs in rendered for s in segs], tokenizer)
-            return cls(both, both)
-        first = _tokenize_segments([segs[0] for segs in rendered if segs], tokenizer)
-        rest = _tokenize_segments([s for segs in rendered for s in segs[1:]], tokenizer, continuation=True)
-        return cls(first, rest)
+    def build(
+        cls,
+        rendered: Sequence[Sequence[Segment]],
+        tokenizer: PreTrainedTokenizerBase,
+        bos: Sequence[int] = (),
+    ) -> Vocab:
+        """One batched tokenizer call per kind of text (markup, message; and where a dummy prefix is
+        stripped, a sequence's first segment apart from the others)."""
+        if dummy_prefix_ids(tokenizer) is None:
+            groups = [(_distinct(s for segs in rendered for s in segs), False)]
+        else:
+            first = _distinct(segs[0] for segs in rendered if segs)
+            groups = [(first, False), (_distinct(s for segs in rendered for s in segs[1:]), True)]
+        pieces: list[list[int]] = []
+        entries: list[Texts] = []
+        for texts, continuation in groups:
+            numbered = []
+            for literal in (False, True):
+                start = len(pieces)
+                pieces += _encode_distinct(texts[literal], tokenizer, continuation, literal)
+                numbered.append(dict(zip(texts[literal], range(start, len(pieces)), strict=True)))
+            entries.append((numbered[0], numbered[1]))
+        bos_at = dict(zip(bos, range(len(pieces), len(pieces) + len(bos)), strict=True))
+        pieces += [[b] for b in bos]
+        lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), np.int32, int(lengths.sum()))
+        return cls(entries[0], entries[-1], bos_at, tokens, _offsets(lengths)[:-1], lengths)
+
+    def entry(self, seg: Segment, first: bool) -> int:
+        return (self.first if first else self.rest)[seg.literal][seg.text]
 
 
-def segments_to_ids(
-    segments: Sequence[Segment], vocab: Vocab, bos_id: int | None
-) -> tuple[list[int], list[int]]:
-    input_ids: list[int] = [] if bos_id is None else [bos_id]
-    labels: list[int] = [] if bos_id is None else [IGNORE_INDEX]
-    lookup = vocab.first
-    for seg in segments:
-        ids = lookup[seg.text, seg.literal]
-        lookup = vocab.rest
-        input_ids += ids
-        labels += ids if seg.train else [IGNORE_INDEX] * len(ids)
-    if labels:
-        labels[0] = IGNORE_INDEX  # never predicted; packed, it must not be the previous example's target
-    return input_ids, labels
+# Example statuses, in the order of their codes: the first two are kept, the others are drop reasons.
+STATUSES = ("kept", "truncated", "too_long", "no_targets", "no_targets_after_truncation")
+KEPT, TRUNCATED, TOO_LONG, NO_TARGETS, NO_TARGETS_AFTER_TRUNCATION = range(len(STATUSES))
 
 
-def fit_length(input_ids: list[int], labels: list[int], max_length: int | None, policy: str) -> Encoded:
-    """Apply `max_length`: keep, truncate from the right, or drop; one left with no target is dropped."""
-    status = "kept"
-    if max_length is not None and len(input_ids) > max_length:
-        if policy == "drop":
-            return Encoded([], [], "too_long")
-        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
-    # A target at position 0 is never predicted (nothing precedes it), so it does not count.
-    if labels.count(IGNORE_INDEX) == len(labels):  # labels[0] is always -100 (segments_to_ids)
-        return Encoded([], [], "no_targets_after_truncation" if status == "truncated" else "no_targets")
-    return Encoded(input_ids, labels, status)
+@dataclass(frozen=True)
+class EncodedRows:
+    """Encoded examples of a batch of conversations as flat arrays (numpy does the per-token work that a
+    Python loop per example spent a twentieth of the tokenizer's time on): example k's tokens are
+    `input_ids[offsets[k] : offsets[k + 1]]`, with their `labels` and `status[k]` a code into STATUSES.
+    A dropped example has no tokens."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32
+    offsets: np.ndarray  # int64, one more than the examples
+    status: np.ndarray  # int8
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Which examples are kept (kept or truncated), as a boolean mask."""
+        return self.status <= TRUNCATED
+
+    def num_targets(self) -> np.ndarray:
+        """Target tokens per example: labels that are not ignored (position 0 never is a target)."""
+        rows = np.repeat(np.arange(len(self)), self.lengths)
+        return np.bincount(rows[self.labels != IGNORE_INDEX], minlength=len(self))
+
+    def statuses(self) -> Counter:
+        return Counter({STATUSES[code]: int(n) for code, n in enumerate(np.bincount(self.status)) if n})
+
+    def fit(self, max_length: int | None, policy: str) -> EncodedRows:
+        """Apply `max_length` to the kept examples: keep, truncate from the right, or drop; one left with no
+        target is dropped (no_targets, or no_targets_after_truncation where truncation removed them)."""
+        lengths, status = self.lengths, self.status.copy()
+        live = status <= TRUNCATED
+        fitted = lengths.copy()
+        if max_length is not None:
+            over = live & (lengths > max_length)
+            if policy == "drop":
+                status[over], fitted[over], live = TOO_LONG, 0, live & ~over
+            else:
+                status[over], fitted[over] = TRUNCATED, max_length
+        inside = _positions(lengths) < np.repeat(fitted, lengths)
+        rows = np.repeat(np.arange(len(self)), lengths)
+        targets = np.bincount(rows[inside & (self.labels != IGNORE_INDEX)], minlength=len(self))
+        empty = live & (targets == 0)
+        status[empty] = np.where(status[empty] == TRUNCATED, NO_TARGETS_AFTER_TRUNCATION, NO_TARGETS)
+        fitted[empty] = 0
+        inside &= np.repeat(fitted > 0, lengths)
+        return EncodedRows(self.input_ids[inside], self.labels[inside], _offsets(fitted), status)
+
+    def select(self, mask: np.ndarray) -> EncodedRows:
+        """The examples where `mask` is true, in order."""
+        tokens = np.repeat(mask, self.lengths)
+        return EncodedRows(
+            self.input_ids[tokens], self.labels[tokens], _offsets(self.lengths[mask]), self.status[mask]
+        )
+
+    def example(self, k: int) -> Encoded:
+        start, end = self.offsets[k], self.offsets[k + 1]
+        status = STATUSES[self.status[k]]
+        return Encoded(self.input_ids[start:end].tolist(), self.labels[start:end].tolist(), status)
+
+    def examples(self) -> list[Encoded]:
+        return [self.example(k) for k in range(len(self))]
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _positions(lengths: np.ndarray) -> np.ndarray:
+    """Each token's position in its example, for examples of `lengths` laid end to end."""
+    starts = _offsets(lengths)[:-1]
+    return np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+
+
+def assemble(
+    rendered: Sequence[Sequence[Segment]], vocab: Vocab, bos_ids: Sequence[int | None]
+) -> EncodedRows:
+    """Segments -> input ids and labels of every example (no length applied: all kept): its BOS id if any
+    (`bos_ids`, one per example, each an entry of `vocab.bos`), then each segment's ids; a trained
+    segment's ids are its labels, every other label is IGNORE_INDEX, and so is the label of position 0
+    (never predicted; packed, it must not be the previous example's target)."""
+    entries: list[int] = []
+    trained: list[bool] = []
+    counts: list[int] = []
+    first, rest = vocab.first, vocab.rest
+    for segs, bos in zip(rendered, bos_ids, strict=True):
+        if bos is not None:
+            entries.append(vocab.bos[bos])
+            trained.append(False)
+        lookup = first
+        for seg in segs:
+            entries.append(lookup[seg.literal][seg.text])
+            trained.append(seg.train)
+            lookup = rest
+        counts.append(len(segs) + (bos is not None))
+    where = np.array(entries, np.int64)
+    sizes = vocab.lengths[where]
+    gather = _positions(sizes) + np.repeat(vocab.starts[where], sizes)
+    input_ids = vocab.tokens[gather]
+    labels = np.where(np.repeat(np.array(trained, bool), sizes), input_ids, np.int32(IGNORE_INDEX))
+    example_of = np.repeat(np.arange(len(counts)), counts)
+    per_example = np.bincount(example_of, weights=sizes, minlength=len(counts)).astype(np.int64)
+    offsets = _offsets(per_example)
+    labels[offsets[:-1][per_example > 0]] = IGNORE_INDEX
+    return EncodedRows(input_ids, labels.astype(np.int32), offsets, np.zeros(len(counts), np.int8))
 
 
 def bos_id_for(template: Template, tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -197,7 +330,7 @@ def _named(index: int, conversation: Conversation, err: DataError) -> DataError:
     return DataError(f"conversation {index} (first user message {first[:60]!r}): {err}")
 
 
-def encode_conversations(
+def encode_rows(
     conversations: Sequence[Conversation],
     template: Template,
     tokenizer: PreTrainedTokenizerBase,
@@ -206,8 +339,9 @@ def encode_conversations(
     truncation: str = "truncate",
     train_on: str = "all_assistant",
     reasoning: str = "keep_last",
-) -> list[Encoded]:
-    """Render, tokenize (one batched tokenizer call) and mask a list of conversations."""
+) -> EncodedRows:
+    """Render, tokenize (one batched tokenizer call per kind of text) and mask a list of conversations, then
+    apply `max_length` (`truncation`: truncate or drop)."""
     template.bind(tokenizer)
     rendered = []
     for k, conv in enumerate(conversations):
@@ -215,14 +349,21 @@ def encode_conversations(
             rendered.append(render(conv, template, tokenizer, train_on, reasoning))
         except DataError as err:
             raise _named(k, conv, err) from None
-    vocab = Vocab.build(rendered, tokenizer)
     bos_id = bos_id_for(template, tokenizer)
     doc_bos_id = document_bos_id(tokenizer) if any(isinstance(c, str) for c in conversations) else None
-    out = []
-    for conv, segs in zip(conversations, rendered, strict=True):
-        ids, labels = segments_to_ids(segs, vocab, doc_bos_id if isinstance(conv, str) else bos_id)
-        out.append(fit_length(ids, labels, max_length, truncation))
-    return out
+    bos_ids = [doc_bos_id if isinstance(c, str) else bos_id for c in conversations]
+    vocab = Vocab.build(rendered, tokenizer, sorted({b for b in (bos_id, doc_bos_id) if b is not None}))
+    return assemble(rendered, vocab, bos_ids).fit(max_length, truncation)
+
+
+def encode_conversations(
+    conversations: Sequence[Conversation],
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    **encode_kwargs: Any,
+) -> list[Encoded]:
+    """`encode_rows` (max_length, truncation, train_on, reasoning), one Encoded per conversation."""
+    return encode_rows(conversations, template, tokenizer, **encode_kwargs).examples()
 
 
 def encode_prompt(
@@ -236,8 +377,9 @@ def encode_prompt(
     a client sends it inline as `<think>…</think>`)."""
     template.bind(tokenizer)
     segs = template.generation_prompt(apply_reasoning(inline_to_field(messages), reasoning))
-    ids, _ = segments_to_ids(segs, Vocab.build([segs], tokenizer), bos_id_for(template, tokenizer))
-    return ids
+    bos = bos_id_for(template, tokenizer)
+    vocab = Vocab.build([segs], tokenizer, [] if bos is None else [bos])
+    return assemble([segs], vocab, [bos]).input_ids.tolist()
 
 
 def token_spans(
@@ -258,6 +400,5 @@ def token_spans(
     bos_id = document_bos_id(tokenizer) if doc else bos_id_for(template, tokenizer)
     bos = [("text", False, 1)] if bos_id is not None else []
     return bos + [
-        (seg.kind, seg.train, len((vocab.first if k == 0 else vocab.rest)[seg.text, seg.literal]))
-        for k, seg in enumerate(segs)
+        (seg.kind, seg.train, int(vocab.lengths[vocab.entry(seg, k == 0)])) for k, seg in enumerate(segs)
     ]
