@@ -50,8 +50,9 @@ def test_workers_keep_at_most_two_tasks_per_worker_in_flight_and_results_in_orde
 
 
 def test_the_json_text_of_a_conversation_reads_back_as_exactly_that_conversation():
-    """Strings alone go through orjson; a tool call's non-finite float and a 70-bit integer (orjson would
-    write null and refuse) through the standard library. Key order is kept, or sorted for dedupe."""
+    """orjson where its text reads back the same; a tool call's non-finite float and a 70-bit integer
+    (orjson would write null and refuse) through the standard library. Key order is kept, or sorted for
+    dedupe."""
     plain = [{"role": "user", "content": 'é "q"\u2028\n\t'}, {"content": "a", "role": "assistant"}]
     nan = [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": math.inf}}]}]
     big = [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"n": 2**70}}]}]

@@ -153,21 +153,21 @@ RawChunk = tuple[Path | None, int, LineSpan | list]
 
 
 def line_spans(file: Path, size: int, block: int = 1 << 23) -> Iterator[LineSpan]:
-    """Spans of `size` lines of a file (the last one shorter), found by scanning blocks for newlines."""
-    import numpy as np
-
-    start = offset = pending = 0  # pending: whole lines since `start`
-    last = b"\n"
+    """Spans of `size` lines of a file (the last one shorter), found a newline at a time with `bytes.find`
+    (memchr): a few hundred nanoseconds a line, where comparing every byte with numpy took five times that."""
+    data, base, start, pos, lines = b"", 0, 0, 0, 0  # data[0] is at file offset `base`
     with open(file, "rb") as f:
-        while data := f.read(block):
-            ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) + offset + 1
-            for end in ends[size - pending - 1 :: size].tolist():
-                yield LineSpan(start, end - start, size)
-                start = end
-            pending = (pending + len(ends)) % size
-            offset, last = offset + len(data), data[-1:]
-    if offset > start:  # the last lines; the very last one may have no newline
-        yield LineSpan(start, offset - start, pending + (last != b"\n"))
+        while more := f.read(block):
+            data, base, pos = data[start:] + more, base + start, pos - start
+            start = 0
+            while (end := data.find(b"\n", pos)) >= 0:
+                pos, lines = end + 1, lines + 1
+                if lines == size:
+                    yield LineSpan(base + start, pos - start, size)
+                    start, lines = pos, 0
+            pos = len(data)
+    if start < len(data):  # the last lines; the very last one may have no newline
+        yield LineSpan(base + start, len(data) - start, lines + (not data.endswith(b"\n")))
 
 
 def raw_chunks(source: Source, key: str, split: str, size: int, seed: int) -> Iterator[RawChunk]:
