@@ -6,6 +6,7 @@ No real Mistral / Llama-2 / Gemma tokenizer is available offline, so a small BPE
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hydra.utils import instantiate
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -14,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from sftlab import build
 from sftlab.data.tokenize import (
     IGNORE_INDEX,
+    STATUSES,
+    EncodedRows,
     dummy_prefix_ids,
     encode_conversations,
     encode_prompt,
@@ -100,3 +103,42 @@ def test_plain_text_document_gets_the_tokenizers_own_bos_once(metaspace, mistral
     assert ex.labels[0] == IGNORE_INDEX and ex.labels[1:] == ex.input_ids[1:]
     smol = encode_conversations(["plain text"], chatml, tokenizer)[0]  # SmolLM2 adds no BOS of its own
     assert smol.input_ids == tokenizer("plain text")["input_ids"] + [tokenizer.eos_token_id]
+
+
+def _rows(*examples: tuple[list[int], list[int]]) -> EncodedRows:
+    lengths = np.array([len(ids) for ids, _ in examples])
+    return EncodedRows(
+        np.array([t for ids, _ in examples for t in ids], np.int32),
+        np.array([t for _, labels in examples for t in labels], np.int32),
+        np.concatenate([[0], np.cumsum(lengths)]),
+        np.zeros(len(examples), np.int8),
+    )
+
+
+def test_fit_truncates_or_drops_and_a_later_fit_keeps_earlier_drop_reasons():
+    x = IGNORE_INDEX
+    rows = _rows(
+        ([1, 2, 3, 4, 5], [x, x, 3, 4, 5]),  # targets at the end
+        ([1, 2, 3], [x, 2, 3]),
+        ([1, 2, 3, 4], [x, x, x, x]),  # nothing to train on
+        ([1, 2, 3, 4, 5, 6], [x, x, x, x, 5, 6]),  # targets only past max_length
+    )
+    truncated = rows.fit(4, "truncate")
+    assert [e.status for e in truncated.examples()] == [
+        "truncated", "kept", "no_targets", "no_targets_after_truncation",
+    ]  # fmt: skip
+    assert [(e.input_ids, e.labels) for e in truncated.examples()] == [
+        ([1, 2, 3, 4], [x, x, 3, 4]), ([1, 2, 3], [x, 2, 3]), ([], []), ([], []),
+    ]  # fmt: skip
+    assert truncated.num_targets().tolist() == [2, 2, 0, 0] and truncated.kept.tolist() == [1, 1, 0, 0]
+    assert [STATUSES[s] for s in rows.fit(4, "drop").status] == ["too_long", "kept", "no_targets", "too_long"]
+    again = truncated.fit(2, "drop")  # what was dropped stays dropped for its first reason
+    assert [STATUSES[s] for s in again.status] == [
+        "too_long", "too_long", "no_targets", "no_targets_after_truncation",
+    ]  # fmt: skip
+    assert again.statuses() == {"too_long": 2, "no_targets": 1, "no_targets_after_truncation": 1}
+    kept = truncated.select(truncated.kept)
+    assert [(e.input_ids, e.status) for e in kept.examples()] == [
+        ([1, 2, 3, 4], "truncated"),
+        ([1, 2, 3], "kept"),
+    ]
