@@ -19,6 +19,7 @@ from sftlab.data.sources import (
     jsonl_rows,
     line_spans,
     parse_chunk,
+    parse_jsonl_line,
     parse_sources,
     raw_chunks,
     read_source,
@@ -158,3 +159,11 @@ def test_line_spans_cut_the_lines_iteration_gives(tmp_path_factory, lines, newli
     )
     assert [line for s in spans for line in s.read(file)] == want
     assert sum(len(s) for s in spans) == len(want)
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"a": "x\ty"}', b"[1,]", b"{'a': 1}", b"01", b"+1", b".5", b"1.", b'{"a": 1} x', b'"\\x41"']
+)
+def test_a_line_the_standard_library_refuses_is_a_bad_row_whichever_parser_reads_it_first(raw):
+    where, row = parse_jsonl_line(Path("rows.jsonl"), 3, raw)
+    assert where == "rows.jsonl:3" and row.reason == "bad_json"

@@ -300,8 +300,8 @@ class Workers:
 
     With a `scratch` directory, a worker leaves the Arrow tables of its result there as files for this
     process to map (`Spilled`), rather than sending them through the pool's pipe: a pipe holds 64 KB, so
-    a chunk's megabyte went through in a few dozen reads and writes, each side copying it once more, which
-    cost this process as much as writing the cache and the workers a fiftieth of their time."""
+    a chunk's megabyte went through in a few dozen reads and writes, each side copying it once more (0.80
+    against 0.51 s of this process's CPU for 100 000 rows)."""
 
     def __init__(self, num_proc: int, scratch: Path | None = None, **job: Any) -> None:
         self.num_proc, self.scratch, self.job, self.pool = num_proc, scratch, job, None

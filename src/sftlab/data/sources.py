@@ -154,7 +154,7 @@ RawChunk = tuple[Path | None, int, LineSpan | list]
 
 def line_spans(file: Path, size: int, block: int = 1 << 23) -> Iterator[LineSpan]:
     """Spans of `size` lines of a file (the last one shorter), found a newline at a time with `bytes.find`
-    (memchr): a few hundred nanoseconds a line, where comparing every byte with numpy took five times that."""
+    (memchr): well under a microsecond a line, half the time of comparing every byte with numpy."""
     data, base, start, pos, lines = b"", 0, 0, 0, 0  # data[0] is at file offset `base`
     with open(file, "rb") as f:
         while more := f.read(block):

@@ -297,7 +297,7 @@ def assemble(
     per_example = np.bincount(example_of, weights=sizes, minlength=len(counts)).astype(np.int64)
     offsets = _offsets(per_example)
     labels[offsets[:-1][per_example > 0]] = IGNORE_INDEX
-    return EncodedRows(input_ids, labels.astype(np.int32), offsets, np.zeros(len(counts), np.int8))
+    return EncodedRows(input_ids, labels, offsets, np.zeros(len(counts), np.int8))
 
 
 def bos_id_for(template: Template, tokenizer: PreTrainedTokenizerBase) -> int | None:
