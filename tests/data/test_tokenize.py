@@ -142,3 +142,14 @@ def test_fit_truncates_or_drops_and_a_later_fit_keeps_earlier_drop_reasons():
         ([1, 2, 3, 4], "truncated"),
         ([1, 2, 3], "kept"),
     ]
+
+
+def test_a_padded_or_truncated_call_before_changes_no_example(chatml, tokenizer):
+    """The transformers wrapper leaves padding and truncation set on the Rust tokenizer after a call;
+    segments are encoded by the Rust tokenizer directly, so they must not be padded or cut by them."""
+    conv = [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four"}]
+    want = encode_conversations([conv], chatml, tokenizer)
+    tokenizer(["a", "a much longer text than the first one"], padding=True, truncation=True, max_length=3)
+    assert encode_conversations([conv], chatml, tokenizer) == want
+    prompt = encode_prompt(conv[:1], chatml, tokenizer)
+    assert prompt == want[0].input_ids[: len(prompt)] and len(prompt) > 3

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.data.packing import pack_plan
-from sftlab.data.tokenize import IGNORE_INDEX, STATUSES, Encoded, EncodedRows
+from sftlab.data.tokenize import IGNORE_INDEX, STATUSES, Encoded, EncodedRows, plain_backend
 
 FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
@@ -86,17 +86,10 @@ def _hash_file(path: str | Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # transformers sets padding and truncation on the Rust tokenizer at every call and leaves them (a
-        # padded batch leaves padding on); they change no token id, but would change to_str() and miss the
-        # cache. Cleared here (transformers sets them again at its next call): 0.02 s, where parsing the
-        # 1.5 MB JSON to drop them took 0.25 s of every cached reload.
-        backend.no_padding()
-        backend.no_truncation()
-        vocab = backend.to_str()
-    else:
-        vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    # The padding and truncation transformers leaves on the Rust tokenizer would change to_str() and miss
+    # the cache: cleared (0.02 s, where parsing the 1.5 MB JSON to drop them took 0.25 s of every reload).
+    backend = plain_backend(tokenizer)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     added = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}
     return {
         "class": type(tokenizer).__name__,

@@ -72,6 +72,18 @@ def dummy_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
     return memo["_sftlab_dummy_prefix"]
 
 
+def plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer (None for a slow one) without the padding and truncation the transformers wrapper
+    leaves set on it after a call (a padded batch leaves padding on): called directly, it would pad or cut
+    every text of a batch. The wrapper sets them again at its next call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.padding is not None:
+        backend.no_padding()
+    if backend is not None and backend.truncation is not None:
+        backend.no_truncation()
+    return backend
+
+
 def encode_batch(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, *, literal: bool = False
 ) -> list[list[int]]:
@@ -79,7 +91,7 @@ def encode_batch(
     text. Calls the Rust tokenizer directly when there is one: the transformers wrapper spends as long
     converting encodings as the tokenizer spends encoding."""
     split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = plain_backend(tokenizer)
     if backend is None:
         return tokenizer(texts, add_special_tokens=False, split_special_tokens=literal or split_special)[
             "input_ids"
