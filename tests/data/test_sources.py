@@ -152,11 +152,7 @@ def test_line_spans_cut_the_lines_iteration_gives(tmp_path_factory, lines, newli
     with open(file, "rb") as f:
         want = [line.removesuffix(b"\n") for line in f]
     spans = list(line_spans(file, size, block=block))
-    assert (
-        [len(s) for s in spans[:-1]] == [size] * (len(spans) - 1) and 0 < len(spans[-1]) <= size
-        if spans
-        else True
-    )
+    assert all(len(s) == size for s in spans[:-1]) and all(0 < len(s) <= size for s in spans[-1:])
     assert [line for s in spans for line in s.read(file)] == want
     assert sum(len(s) for s in spans) == len(want)
 

@@ -20,7 +20,7 @@ from sftlab.data.tokenize import (
     dummy_prefix_ids,
     encode_conversations,
     encode_prompt,
-    tokenize_texts,
+    encode_segment_texts,
 )
 
 SPECIAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
@@ -88,12 +88,12 @@ def test_generation_prompt_is_a_token_prefix(metaspace, mistral):
 
 def test_without_the_handling_a_segment_gets_a_stray_space(metaspace):
     # "four" continuing e.g. "...two" inside a string is "four"; tokenized alone it would become "▁four".
-    plain = metaspace.convert_ids_to_tokens(tokenize_texts(["four"], metaspace)["four"])
-    handled = metaspace.convert_ids_to_tokens(tokenize_texts(["four"], metaspace, continuation=True)["four"])
+    plain = metaspace.convert_ids_to_tokens(encode_segment_texts(["four"], metaspace)[0])
+    handled = metaspace.convert_ids_to_tokens(encode_segment_texts(["four"], metaspace, continuation=True)[0])
     assert plain == ["▁four"]
     assert "".join(handled) == "four"
     # A segment that starts with its own space keeps exactly one.
-    spaced = tokenize_texts([" four</s>"], metaspace, continuation=True)[" four</s>"]
+    (spaced,) = encode_segment_texts([" four</s>"], metaspace, continuation=True)
     assert metaspace.convert_ids_to_tokens(spaced) == ["▁four", "</s>"]
 
 

@@ -322,7 +322,8 @@ class Workers:
             self.job["template"].bind(self.job["tokenizer"])
         # Import what every worker needs (pyarrow, for the cache's tables) once, here, rather than once per
         # worker.
-        cache.table_of({"json": []}, cache.rows_schema())
+        import pyarrow  # noqa: F401
+
         # The Rust tokenizer's thread pool does not survive a fork: without this each worker warns and turns
         # it off by itself. Restored once the workers exist, for the parent's own calls.
         before = os.environ.get("TOKENIZERS_PARALLELISM")

@@ -104,25 +104,14 @@ def encode_batch(
         backend.encode_special_tokens = split_special  # as the wrapper leaves it
 
 
-def tokenize_texts(
-    texts: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    continuation: bool = False,
-    literal: bool = False,
-) -> dict[str, list[int]]:
-    """Tokenize each distinct text once, in one batched call (template headers repeat on every row).
+def encode_segment_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, *, continuation: bool = False, literal: bool = False
+) -> list[list[int]]:
+    """Token ids of each text, in one batched call.
 
     `continuation`: the texts follow other text in the sequence, so a dummy-prefix space must not be added.
     `literal`: message text, in which special-token strings are not special.
     """
-    unique = list(dict.fromkeys(texts))
-    return dict(zip(unique, _encode_distinct(unique, tokenizer, continuation, literal), strict=True))
-
-
-def _encode_distinct(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, continuation: bool, literal: bool
-) -> list[list[int]]:
     marker = dummy_prefix_ids(tokenizer) if continuation and texts else None
     if marker is None:
         return encode_batch(texts, tokenizer, literal=literal) if texts else []
@@ -180,7 +169,9 @@ class Vocab:
             numbered = []
             for literal in (False, True):
                 start = len(pieces)
-                pieces += _encode_distinct(texts[literal], tokenizer, continuation, literal)
+                pieces += encode_segment_texts(
+                    texts[literal], tokenizer, continuation=continuation, literal=literal
+                )
                 numbered.append(dict(zip(texts[literal], range(start, len(pieces)), strict=True)))
             entries.append((numbered[0], numbered[1]))
         bos_at = dict(zip(bos, range(len(pieces), len(pieces) + len(bos)), strict=True))
