@@ -6,6 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import time
+
+import pytest
 
 from sftlab.data import pipeline
 from sftlab.data.pipeline import Workers, convert_chunk, dedupe, first_occurrences, split_indices, split_off
@@ -47,6 +51,38 @@ def test_workers_keep_at_most_two_tasks_per_worker_in_flight_and_results_in_orde
     with Workers(2) as workers:  # a single task runs in this process: no pool forked for it
         assert list(workers.map(abs, iter([-3]))) == [3] and workers.pool is None
     assert pipeline._job == {}
+
+
+def _pid(task: int) -> int:
+    if task < 0:
+        raise ValueError(task)
+    time.sleep(task / 1000)
+    return os.getpid()
+
+
+def _alive(pid: int) -> bool:
+    """Running, or exited but not yet reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_exit_by_themselves_after_the_last_result_and_are_stopped_at_once_on_an_error():
+    with Workers(2) as workers:
+        pids = set(workers.map(_pid, iter(range(8))))
+    assert pids and os.getpid() not in pids  # ran in forked workers
+    deadline = time.monotonic() + 30  # a bound on a hang, not a speed: they take milliseconds
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(map(_alive, pids))  # exited and reaped: no process left behind
+
+    pids = set()
+    with pytest.raises(ValueError), Workers(2) as workers:
+        for pid in workers.map(_pid, iter([0, 1, 2, -3, 900, 900, 900, 900])):
+            pids.add(pid)
+    assert pids and not any(map(_alive, pids))  # stopped, not left to finish their 0.9 s tasks
 
 
 def test_the_json_text_of_a_conversation_reads_back_as_exactly_that_conversation():

@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -310,8 +311,14 @@ class Workers:
         _job.update(self.job)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if self.pool is not None and exc_type is None:
+            # Every result is in; the workers exit once they see the closed queue. Joined in the background:
+            # each exit unmaps a forked copy of this process (10 ms apiece here), which the caller need not
+            # wait for.
+            self.pool.close()
+            threading.Thread(target=self.pool.join, name="sftlab-workers-exit", daemon=True).start()
+        elif self.pool is not None:  # a bad row, Ctrl-C: stop the tasks still running
             self.pool.terminate()
             self.pool.join()
         _job.clear()
