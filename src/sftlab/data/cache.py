@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from sftlab.data.packing import pack_plan
 from sftlab.data.tokenize import IGNORE_INDEX, STATUSES, Encoded, EncodedRows, plain_backend
 
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 
 
 def file_digest(path: str | Path, memo: Path | None = None) -> str:
-    """blake2b of the file's bytes (about 1 GB/s): touching a file does not invalidate it, editing does.
+    """xxh3-128 of the file's bytes: touching a file does not invalidate it, editing does. xxh3, the hash
+    `datasets` fingerprints with, reads 4 GB/s here against blake2b's 0.7 (a 500 MB file: 0.1 against 0.7 s
+    at its first preparation); a cache key needs to tell edits apart, not to resist a forger.
 
     With `memo` (a directory beside the cache entries) the digest is remembered with the file's stat stamp
     (size, mtime and ctime in ns, inode, device) and reused while the stamp is unchanged, so a cached reload
@@ -78,7 +82,7 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 
 def _hash_file(path: str | Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
-import hashlib
 import itertools
 import json
 import math
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import xxhash
 from transformers import PreTrainedTokenizerBase
 
 from sftlab.data import cache
@@ -199,7 +199,7 @@ def convert_chunk(
 
 
 def _dedupe_key(conversation: Conversation) -> bytes:
-    return hashlib.blake2b(to_json(conversation, sort_keys=True), digest_size=16).digest()
+    return xxhash.xxh3_128_digest(to_json(conversation, sort_keys=True))
 
 
 def first_occurrences(digests: bytes) -> np.ndarray:
